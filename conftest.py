@@ -1,0 +1,61 @@
+"""Shared test fixtures: a tiny random Llama written to disk as a real checkpoint."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import AddedToken
+
+TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            rope_theta=10000.0, rms_norm_eps=1e-5, vocab_size=260, max_position_embeddings=512,
+            tie_word_embeddings=False, eos_token_id=257)
+
+
+def tiny_weights(config, seed=0):
+    """Random HF-named weights for a config; tied checkpoints carry no lm_head."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    hq, hkv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    state = {"model.embed_tokens.weight": w(config["vocab_size"], d), "model.norm.weight": 1 + w(d)}
+    if not config["tie_word_embeddings"]:
+        state["lm_head.weight"] = w(config["vocab_size"], d)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "self_attn.q_proj.weight": w(hq * hd, d), p + "self_attn.k_proj.weight": w(hkv * hd, d),
+            p + "self_attn.v_proj.weight": w(hkv * hd, d), p + "self_attn.o_proj.weight": w(d, hq * hd),
+            p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
+            p + "mlp.down_proj.weight": w(d, f),
+            p + "input_layernorm.weight": 1 + w(d), p + "post_attention_layernorm.weight": 1 + w(d),
+        })
+    return state
+
+
+def byte_tokenizer():
+    """Byte-level tokenizer without merges: 256 byte tokens, then <s>, </s> and two chat markers."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<s>", "</s>", "<|im_start|>", "<|im_end|>")])
+    return tok
+
+
+def write_checkpoint(path, config=TINY, seed=0):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(tiny_weights(config, seed), str(path / "model.safetensors"))
+    byte_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"))

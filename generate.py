@@ -1,0 +1,292 @@
+"""Generate text from a Llama checkpoint with a compressed (CaliDrop) or full KV cache.
+
+    python generate.py --budget 256 --prompt "..."        # the default model, SmolLM2-135M-Instruct
+    python generate.py --ckpt DIR --method snapkv --budget 128 --prompt-file long.txt --chat
+
+Text streams to stdout; a summary (prompt and new tokens, prefill seconds, decode tokens/s, KV bytes,
+decision fractions) goes to stderr, and to --stats-json FILE as one JSON object.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+import calidrop
+from model import CheckpointError, FullCache, decode_one_token, load_model, prefill, read_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- checkpoint and tokenizer
+
+def resolve_checkpoint(ckpt):
+    """The given directory, or the default model, prepared on first use."""
+    if ckpt is not None:
+        return Path(ckpt)
+    from scripts.prepare_smollm2 import prepare
+    try:
+        return prepare()
+    except RuntimeError as e:
+        raise CheckpointError(f"could not prepare the default model: {e}") from None
+
+
+class TextCodec:
+    """tokenizer.json plus what the checkpoint says about stop tokens and the chat format."""
+
+    def __init__(self, ckpt: Path):
+        if not (ckpt / "tokenizer.json").is_file():
+            raise CheckpointError(f"no tokenizer.json in {ckpt}")
+        self.tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        extra = {}
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            if (ckpt / name).is_file():
+                extra[name] = json.loads((ckpt / name).read_text())
+        tok_config = extra.get("tokenizer_config.json", {})
+        stop = set(tok_config.get("stop_token_ids", []))
+        for name in ("config.json", "generation_config.json"):
+            eos = extra.get(name, {}).get("eos_token_id")
+            stop.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.stop_ids = sorted(stop)
+        self.system_prompt = tok_config.get("default_system_prompt")
+        vocab = self.tokenizer.get_vocab()
+        self.chat_format = ("chatml" if "<|im_start|>" in vocab else
+                            "llama3" if "<|start_header_id|>" in vocab else None)
+
+    def chat(self, user: str) -> str:
+        """The prompt as one user turn in the checkpoint's chat format, ready for the assistant."""
+        if self.chat_format == "chatml":
+            system = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
+            return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if self.chat_format == "llama3":
+            return ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+                    f"{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        raise UsageError("--chat: this tokenizer has no known chat format (ChatML or Llama-3)")
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if chat:  # the chat text spells out its special tokens itself
+            return self.tokenizer.encode(self.chat(text), add_special_tokens=False).ids
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# -------------------------------------------------------------------------------- caches, sampling
+
+def make_config(args) -> calidrop.CaliDropConfig:
+    config = calidrop.CaliDropConfig(
+        method=args.method, budget=args.budget, window=args.window, sink=args.sink, theta1=args.theta1,
+        theta2=args.theta2, calibration=not args.no_calibration, calibration_size=args.calibration_size)
+    config.check()
+    return config
+
+
+def prefill_and_compress(model, tokens, config, max_new_tokens):
+    """One prefill with the full cache; then, unless config is None (the full cache) or the prompt fits
+    in the budget, compress it. Returns (logits of the last prompt token, cache)."""
+    B, L = tokens.shape
+    dev, dtype = tokens.device, model.embed_tokens.weight.dtype
+    if config is None or L <= config.budget:
+        cache = FullCache(model.args, B, L + max_new_tokens, dev, dtype)
+        return prefill(model, tokens, cache), cache
+    full = FullCache(model.args, B, L, dev, dtype)
+    recorder = calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o")
+    logits = prefill(model, tokens, recorder)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
+    return logits, cache
+
+
+def cache_stats(cache, n_tokens):
+    """Byte counts and decision fractions for a cache holding the K/V of n_tokens tokens per sequence."""
+    if isinstance(cache, calidrop.CaliDropCache):
+        return cache.stats(n_tokens)
+    full = cache.kv_bytes(n_tokens)
+    return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
+            "kv_bytes_allocated": cache.k.nbytes + cache.v.nbytes,
+            "decisions": {"calibrate": 0.0, "recompute": 0.0, "none": 0.0}}
+
+
+def sample(logits, temperature, top_k, generator):
+    """logits (B, vocab) -> next tokens (B, 1); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct, "
+                                  "prepared on first use)")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--stats-json", help="write the run's numbers to this file as one JSON object")
+    g = p.add_argument_group("KV-cache compression")
+    g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
+    g.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
+    g.add_argument("--no-calibration", action="store_true", help="plain eviction, no CaliDrop")
+    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1")
+    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
+    g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
+    g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    g.add_argument("--calibration-size", type=int, default=None,
+                   help="offload and calibrate with only this many evicted tokens (default: all)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Everything that can be wrong with the input, before any heavy work. Returns (device, dtype)."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError("give exactly one of --prompt and --prompt-file")
+    if args.prompt_file is not None:
+        if not Path(args.prompt_file).is_file():
+            raise UsageError(f"prompt file not found: {args.prompt_file}")
+        args.prompt = Path(args.prompt_file).read_text()
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be >= 1")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device in ("cpu", "cuda") or args.device.startswith("cuda:"):
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but CUDA is not available")
+    else:
+        raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)")
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
+    if args.method != "full":
+        try:
+            make_config(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return device, DTYPES[dtype_name]
+
+
+def run(args):
+    device, dtype = check_args(args)
+    ckpt = resolve_checkpoint(args.ckpt)
+    model_args = read_config(ckpt)
+    codec = TextCodec(ckpt)
+    ids = codec.encode(args.prompt, chat=args.chat)
+    max_len = model_args.max_position_embeddings
+    if len(ids) > max_len:
+        raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context ({max_len})")
+    max_new = min(args.max_new_tokens, max_len - len(ids))
+    if max_new < args.max_new_tokens:
+        log(f"note: the context has room for {max_new} new tokens only")
+    config = None if args.method == "full" else make_config(args)  # already checked
+    if config is not None and len(ids) <= config.budget:
+        log(f"note: the prompt ({len(ids)} tokens) fits in the budget ({config.budget}): not compressed")
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = load_model(ckpt, device, dtype)
+    step = torch.compile(decode_one_token) if args.compile else decode_one_token
+
+    with torch.inference_mode():
+        tokens = torch.tensor([ids], device=device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        logits, cache = prefill_and_compress(model, tokens, config, max_new)
+        token = sample(logits, args.temperature, args.top_k, generator)
+        synchronize(device)
+        prefill_s = time.perf_counter() - t0
+
+        new_ids, text = [], ""
+        t0 = time.perf_counter()
+        for i in range(max_new):
+            new_ids.append(int(token))
+            if new_ids[-1] in codec.stop_ids:
+                break
+            piece = codec.decode(new_ids)
+            print(piece[len(text):], end="", flush=True)
+            text = piece
+            if i == max_new - 1:  # the last sampled token is never fed
+                break
+            pos = torch.tensor([len(ids) + i], device=device)
+            token = sample(step(model, token, pos, cache), args.temperature, args.top_k, generator)
+        synchronize(device)
+        decode_s = time.perf_counter() - t0
+    print(flush=True)
+
+    fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
+    stats = {
+        "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
+        "compressed": isinstance(cache, calidrop.CaliDropCache),
+        "calibration": config is not None and config.calibration,
+        "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
+        "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
+        "prefill_s": prefill_s, "decode_s": decode_s,
+        "decode_tokens_per_s": fed / decode_s if fed > 0 else None,
+        **cache_stats(cache, len(ids) + fed),
+    }
+    stats["compression_ratio"] = stats["kv_bytes_full"] / stats["kv_bytes_kept"]
+    if device.type == "cuda":
+        stats["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    report(stats)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def report(s):
+    mb = 1 / 2**20
+    tps = "n/a" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f}"
+    d = s["decisions"]
+    log(f"prompt tokens {s['prompt_tokens']}, new tokens {s['new_tokens']}, prefill {s['prefill_s']:.2f} s, "
+        f"decode {tps} tokens/s")
+    log(f"KV cache: kept {s['kv_bytes_kept'] * mb:.2f} MB of {s['kv_bytes_full'] * mb:.2f} MB full "
+        f"({s['compression_ratio']:.1f}x), offloaded {s['kv_bytes_offloaded'] * mb:.2f} MB, "
+        f"calibration {s['calibration_bytes'] * mb:.3f} MB")
+    log(f"decisions: calibrate {d['calibrate']:.3f}, recompute {d['recompute']:.3f}, none {d['none']:.3f}")
+    if "peak_memory_bytes" in s:
+        log(f"peak memory {s['peak_memory_bytes'] * mb:.0f} MB")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, CheckpointError) as e:
+        log(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""A Llama-family decoder in one file, with the KV cache as an explicit object.
+
+Every attention layer computes q, k, v (after RoPE) and hands them to `cache.attend(layer, q, k, v, pos)`,
+which stores k and v and returns the attention output. `FullCache` below is the plain cache; a
+compressing cache (calidrop.py) is a drop-in replacement that this file never imports.
+
+Loads Hugging Face checkpoint directories (LlamaForCausalLM, MistralForCausalLM) as they are:
+config.json, model.safetensors or a sharded model.safetensors.index.json, HF weight names and the HF
+rotate-half RoPE layout.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, or not a Llama-family decoder."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        archs = config.get("architectures") or []
+        if not any(a in ARCHITECTURES for a in archs) and config.get("model_type") not in ("llama", "mistral"):
+            raise CheckpointError(f"not a Llama-family decoder: architectures={archs}, "
+                                  f"model_type={config.get('model_type')!r} (supported: {', '.join(ARCHITECTURES)})")
+        scaling = config.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise CheckpointError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+            scaling = scaling if kind == "llama3" else None
+        n_heads = config["num_attention_heads"]
+        return cls(
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            rope_theta=config.get("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3.1's long-context rescaling when configured."""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen = old_len / s["low_freq_factor"]
+    high_wavelen = old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    interpolated = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(is_mid, interpolated, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, D); cos, sin (T, D)
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, pos, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(self.layer, q, k, v, pos)  # (B, n_heads, T, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, pos, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """tokens (B, T) at absolute positions pos (T,) -> logits (B, T, vocab), float32."""
+        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)
+        x = self.embed_tokens(tokens)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, pos, cache)
+        return self.lm_head(self.norm(x)).float()
+
+
+class FullCache(nn.Module):
+    """The uncompressed cache: static (B, n_kv_heads, max_len, head_dim) buffers per layer, written in
+    place at `pos`, so decode shapes never change (torch.compile) and nothing is repeated per query head."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device=None, dtype=None):
+        super().__init__()
+        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    def attend(self, layer: int, q, k, v, pos):
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) post-RoPE at positions pos (T,) -> (B, Hq, T, D)."""
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.index_copy_(2, pos, k)
+        v_all.index_copy_(2, pos, v)
+        if q.shape[2] == 1:  # decode: the whole static buffer, future slots masked
+            mask = self.slots[None, :] <= pos[:, None]
+            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        n = int(pos[-1]) + 1  # prefill (possibly a later chunk): causal over everything written so far
+        mask = self.slots[None, :n] <= pos[:, None]
+        return F.scaled_dot_product_attention(q, k_all[:, :, :n], v_all[:, :, :n], attn_mask=mask, enable_gqa=True)
+
+    def kv_bytes(self, n_tokens: int) -> int:
+        """Bytes of the filled slots when the cache holds the K/V of n_tokens tokens per sequence."""
+        L, B, H, _, D = self.k.shape
+        return 2 * L * B * H * n_tokens * D * self.k.element_size()
+
+
+def prefill(model: Llama, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt tokens (B, T) from position 0; returns the last position's logits (B, vocab)."""
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    return model(tokens, pos, cache)[:, -1]
+
+
+def decode_one_token(model: Llama, token: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step: token (B, 1) at position pos (1,) -> logits (B, vocab). What --compile wraps."""
+    return model(token, pos, cache)[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def read_config(ckpt: Path) -> ModelArgs:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    if not (ckpt / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {ckpt}")
+    try:
+        config = json.loads((ckpt / "config.json").read_text())
+        return ModelArgs.from_config(config)
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"bad config.json in {ckpt}: {e!r}") from None
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [ckpt / s for s in shards]
+    else:
+        files = [ckpt / "model.safetensors"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"missing weight file(s): {', '.join(missing)}")
+    return files
+
+
+def load_model(ckpt, device="cpu", dtype=torch.float32) -> Llama:
+    """Build the model on the meta device, then assign the checkpoint's tensors (no double allocation)."""
+    ckpt = Path(ckpt)
+    args = read_config(ckpt)
+    with torch.device("meta"):
+        model = Llama(args)
+    state = {}
+    for f in weight_files(ckpt):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in sf.keys():
+                state[name.removeprefix("model.")] = sf.get_tensor(name).to(device=device, dtype=dtype)
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {n for n, _ in model.named_parameters()}  # tied: the shared tensor is listed once
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not match the config: missing {sorted(missing)[:4]}, "
+                              f"unexpected {sorted(unexpected)[:4]}")
+    model.load_state_dict(state, assign=True, strict=False)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(args).to(device)
+    return model.eval()
