@@ -1,0 +1,438 @@
+"""Tests of calidrop.py against independent computations (CPU, fp32, the tiny random Llama of conftest.py).
+
+What is checked (spec CALIDROP.md, sections 3-6 and 10):
+  - the (out, lse) merge identity, chunked accumulation and the empty set as the merge identity;
+  - recompute-every-step (theta1 > 1) is full attention, "never act" is the base method bit for bit;
+  - calibrating with the exact current query is full attention over kept + evicted;
+  - StreamingLLM, SnapKV and H2O selections against naive loop scorers, PyramidKV's budget schedule;
+  - a prompt within the budget, batch rows staying independent, byte counts, calibration_size,
+    and the config checks.
+Reference logits come from one full forward pass over prompt + continuation with model.FullCache.
+"""
+import math
+
+import pytest
+import torch
+
+import calidrop
+import generate
+from model import FullCache, decode_one_token, load_model, prefill
+
+# The tiny model of conftest.TINY: 2 layers, 4 query heads, 2 KV heads, head_dim 16.
+N_LAYERS, HQ, HKV, D = 2, 4, 2, 16
+FP32 = 4  # bytes per element
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return load_model(tiny_ckpt)
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+def random_tokens(batch, length, seed):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(method, **kw):
+    """A config that really compresses a 48-token prompt: budget 16, window 4, sink 4."""
+    base = dict(method=method, budget=16, window=4, sink=4)
+    base.update(kw)
+    return calidrop.CaliDropConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def full_logits(model, tokens):
+    """(B, T, vocab) logits of one full causal forward pass: the reference for every decode test."""
+    B, T = tokens.shape
+    return model(tokens, torch.arange(T), FullCache(model.args, B, T))
+
+
+def teacher_force(model, cache, tokens, prompt_len):
+    """Feed tokens[:, prompt_len:] one by one into a prefilled cache -> (B, n, vocab) logits."""
+    steps = [decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
+             for t in range(prompt_len, tokens.shape[1])]
+    return torch.stack(steps, 1)
+
+
+def decode_logits(model, tokens, prompt_len, config):
+    """Teacher-forced logits through generate.prefill_and_compress: (B, n + 1, vocab) for the positions
+    prompt_len - 1 .. T - 1 (the prefill's last logits, then one per decode step), and the cache."""
+    n = tokens.shape[1] - prompt_len
+    logits, cache = generate.prefill_and_compress(model, tokens[:, :prompt_len], config, max_new_tokens=n)
+    return torch.cat([logits[:, None], teacher_force(model, cache, tokens, prompt_len)], 1), cache
+
+
+def build_cache(model, prompt, config, max_new_tokens, record_window=None):
+    """Prefill with a recorder, then CaliDropCache.from_prefill directly (no 'fits in budget' shortcut).
+    Returns (last logits, cache, the full prefill cache, the recorder)."""
+    full = FullCache(model.args, prompt.shape[0], prompt.shape[1])
+    recorder = calidrop.PrefillRecorder(full, record_window or config.window, h2o=config.method == "h2o")
+    logits = prefill(model, prompt, recorder)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
+    return logits, cache, full, recorder
+
+
+def naive_attention(q, k, v):
+    """Softmax attention of q (B, Hq, D) over k, v (B, Hkv, S, D), GQA by repeating KV heads, float64."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    w = torch.softmax(torch.einsum("bhd,bhsd->bhs", q.double(), k) / math.sqrt(q.shape[-1]), -1)
+    return torch.einsum("bhs,bhsd->bhd", w, v)
+
+
+def kept_positions(cache_k, prompt_k, n):
+    """Prompt positions of the first n kept slots, found by matching keys exactly: (B, H, n) long.
+    gather copies keys bit for bit, and random prompt keys are pairwise distinct."""
+    eq = (cache_k[:, :, :n, None, :] == prompt_k[:, :, None, :, :]).all(-1)  # (B, H, n, L)
+    assert (eq.sum(-1) == 1).all(), "a kept key matches no (or several) prompt keys"
+    return eq.float().argmax(-1)
+
+
+def top_set(scores, candidates, k):
+    """The k best candidates by score, asserting the k-th and (k+1)-th are clearly apart (no tie)."""
+    ranked = sorted(candidates, key=lambda j: -scores[j])
+    if len(ranked) > k:
+        assert scores[ranked[k - 1]] - scores[ranked[k]] > 1e-5, "near tie: choose another seed"
+    return set(ranked[:k])
+
+
+# ------------------------------------------------------------------------------- 1. the merge identity
+
+def test_merge_accumulate_and_empty_set_identity():
+    # attention_with_lse computes scores and lse in float32 by design (the lse is float32), so float64
+    # inputs are exact only to float32 precision: compare with a float64 reference at 1e-6.
+    g = torch.Generator().manual_seed(1)
+    B, S = 2, 23
+    q = torch.randn(B, HQ, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, HKV, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, HKV, S, D, generator=g, dtype=torch.float64)
+    ref = naive_attention(q, k, v)
+    ref_lse = torch.logsumexp(torch.einsum("bhd,bhsd->bhs", q, k.repeat_interleave(HQ // HKV, 1)) / math.sqrt(D), -1)
+
+    in_a = torch.randperm(S, generator=g) < 9  # a random split into two disjoint sets
+    a = calidrop.attention_with_lse(q, k[:, :, in_a], v[:, :, in_a])
+    b = calidrop.attention_with_lse(q, k[:, :, ~in_a], v[:, :, ~in_a])
+    out, lse = calidrop.merge(*a, *b)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-6, rtol=0)
+    out_ba, _ = calidrop.merge(*b, *a)  # the merge is symmetric
+    torch.testing.assert_close(out_ba, out, atol=1e-6, rtol=0)
+
+    one_shot = calidrop.attention_with_lse(q, k, v)
+    for chunk in (1, 3, S):
+        acc = calidrop.accumulate(q, k, v, chunk=chunk)
+        torch.testing.assert_close(acc[0], one_shot[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(acc[1], one_shot[1], atol=1e-6, rtol=0)
+
+    # The empty set: out 0, lse -inf, and merging with it changes nothing (float32: bit for bit).
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    full32 = calidrop.attention_with_lse(q32, k32, v32)
+    for empty in (calidrop.attention_with_lse(q32, k32[:, :, :0], v32[:, :, :0]),
+                  calidrop.accumulate(q32, k32[:, :, :0], v32[:, :, :0])):
+        assert torch.equal(empty[1], torch.full((B, HQ), float("-inf")))
+        assert torch.equal(empty[0], torch.zeros(B, HQ, D))
+        for merged in (calidrop.merge(*full32, *empty), calidrop.merge(*empty, *full32)):
+            assert torch.equal(merged[0], full32[0]) and torch.equal(merged[1], full32[1])
+
+
+# ------------------------------------------------------------------- 2. theta1 > 1: full attention
+
+@pytest.mark.parametrize("method", calidrop.METHODS)
+def test_recompute_every_step_equals_full_cache(model, method):
+    L, n = 48, 16
+    tokens = random_tokens(2, L + n, seed=2)
+    logits, cache = decode_logits(model, tokens, L, cfg(method, theta1=2.0, theta2=0.85))
+    assert isinstance(cache, calidrop.CaliDropCache)
+    assert all(kl < L for kl in cache.kept_len)  # it really compressed
+    torch.testing.assert_close(logits, full_logits(model, tokens)[:, L - 1:], atol=1e-4, rtol=0)
+    assert cache.decisions()["recompute"] == 1.0
+
+
+# ---------------------------------------------------------- 3. never act == the base method, bit for bit
+
+@pytest.mark.parametrize("method", calidrop.METHODS)
+def test_never_act_is_plain_eviction(model, method):
+    L, n = 48, 12
+    tokens = random_tokens(2, L + n, seed=3)
+    never, never_cache = decode_logits(model, tokens, L, cfg(method, theta1=-1.0, theta2=2.0))
+    plain, plain_cache = decode_logits(model, tokens, L, cfg(method, calibration=False))
+    assert torch.equal(never, plain)
+    assert never_cache.stats(L + n)["kv_bytes_offloaded"] == 0  # never recomputes: evicted K/V freed
+    assert never_cache.decisions()["none"] == 1.0
+    # and eviction does change the output here, so the equality above is not vacuous
+    assert not torch.allclose(plain, full_logits(model, tokens)[:, L - 1:], atol=1e-3)
+
+
+# ------------------------------------------------- 4. calibrating with the exact query is full attention
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "streamingllm"])
+def test_calibrate_with_current_query_is_full_attention(model, method):
+    L, B = 48, 2
+    # theta1 = -0.5 > -1 keeps the evicted K/V in the store; rho = cos(q, q) = 1 > theta2: calibrate.
+    config = cfg(method, theta1=-0.5, theta2=0.85)
+    _, cache, full, _ = build_cache(model, random_tokens(B, L, seed=4), config, max_new_tokens=4)
+    g = torch.Generator().manual_seed(4)
+    for layer in range(N_LAYERS):
+        q = torch.randn(B, HQ, D, generator=g) * 2
+        cache.hist_q[layer] = q.clone()
+        cache.hist_out[layer], cache.hist_lse[layer] = calidrop.accumulate(q, *cache.store.get(layer))
+        n_kept = cache.kept_len[layer]
+        k_kept, v_kept = cache.k[layer][:, :, :n_kept], cache.v[layer][:, :, :n_kept]
+        out_kept, lse_kept = calidrop.attention_with_lse(q, k_kept, v_kept)
+        out = cache.calibrated(layer, q, out_kept, lse_kept)
+
+        # independently: attention of q over every prompt key of the uncompressed prefill
+        ref = naive_attention(q, full.k[layer][:, :, :L], full.v[layer][:, :, :L])
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+        assert not torch.allclose(out_kept.double(), ref, atol=1e-3)  # eviction alone is off
+        assert torch.equal(cache.hist_q[layer], q)  # no recompute happened
+        assert (cache.counts[layer, ..., 0] == 1).all()  # every (sequence, head): calibrate
+    assert cache.decisions() == {"calibrate": 1.0, "recompute": 0.0, "none": 0.0}
+
+
+# --------------------------------------------------------------------------- 5. selection, naive scorers
+
+def layer0_qk(model, tokens):
+    """Post-RoPE queries and keys of layer 0, recomputed from the weights: (B, Hq, L, D), (B, Hkv, L, D)."""
+    B, L = tokens.shape
+    attn, norm = model.layers[0].self_attn, model.layers[0].input_layernorm
+    x = model.embed_tokens.weight[tokens].double()
+    x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+    q = (x @ attn.q_proj.weight.double().T).view(B, L, HQ, D).transpose(1, 2)
+    k = (x @ attn.k_proj.weight.double().T).view(B, L, HKV, D).transpose(1, 2)
+    theta = model.args.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (D/2,)
+    ang = torch.arange(L, dtype=torch.float64)[:, None] * theta  # (L, D/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(t):  # HF rotate-half layout: pairs (i, i + D/2)
+        a, b = t[..., :D // 2], t[..., D // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    return rope(q), rope(k)
+
+
+def naive_snapkv_scores(window_q, keys, kernel=5):
+    """[b][kv head][j] for prefix keys j < L - W, with plain loops (see the test's docstring)."""
+    B, Hq, W, Dh = window_q.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    group, P = Hq // Hkv, L - W
+    wq, kk = window_q.double().tolist(), keys.double().tolist()
+    result = [[[0.0] * P for _ in range(Hkv)] for _ in range(B)]
+    for b in range(B):
+        for h in range(Hq):
+            votes = [0.0] * P
+            for i in range(W):
+                p = L - W + i  # the window query's absolute position: it sees keys 0..p
+                logits = [sum(x * y for x, y in zip(wq[b][h][i], kk[b][h // group][j])) / math.sqrt(Dh)
+                          for j in range(p + 1)]
+                m = max(logits)
+                e = [math.exp(x - m) for x in logits]
+                z = sum(e)
+                for j in range(P):
+                    votes[j] += e[j] / z
+            for j in range(P):  # average pooling, zero padding counted: always divide by kernel
+                pooled = sum(votes[j + o] for o in range(-(kernel // 2), kernel // 2 + 1) if 0 <= j + o < P)
+                result[b][h // group][j] += pooled / kernel / group
+    return result
+
+
+def naive_column_sums(q, k):
+    """[b][query head][j]: attention key j receives from every prompt query i >= j, with plain loops."""
+    B, Hq, L, Dh = q.shape
+    group = Hq // k.shape[1]
+    qq, kk = q.double().tolist(), k.double().tolist()
+    sums = [[[0.0] * L for _ in range(Hq)] for _ in range(B)]
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(L):
+                logits = [sum(x * y for x, y in zip(qq[b][h][i], kk[b][h // group][j])) / math.sqrt(Dh)
+                          for j in range(i + 1)]
+                m = max(logits)
+                e = [math.exp(x - m) for x in logits]
+                z = sum(e)
+                for j in range(i + 1):
+                    sums[b][h][j] += e[j] / z
+    return sums
+
+
+def test_streamingllm_keeps_sinks_and_recent(model):
+    L, budget, sink, n_new = 20, 10, 4, 3
+    config = cfg("streamingllm", budget=budget, sink=sink)
+    _, cache, full, _ = build_cache(model, random_tokens(2, L, seed=5), config, max_new_tokens=n_new)
+    expected = torch.tensor(list(range(sink)) + list(range(L - (budget - sink), L)))
+    for layer in range(N_LAYERS):
+        assert cache.k[layer].shape == (2, HKV, budget + n_new, D)
+        pos = kept_positions(cache.k[layer], full.k[layer][:, :, :L], budget)
+        assert torch.equal(pos, expected.expand(2, HKV, budget))
+        assert torch.equal(kept_positions(cache.v[layer], full.v[layer][:, :, :L], budget), pos)
+
+
+def test_snapkv_selection_matches_naive_scorer(model):
+    """Naive SnapKV: each window query (absolute position p) softmaxes over keys 0..p; sum its weights
+    on prefix keys over the window; average-pool (kernel 5, padding 2, /5); mean over the query heads of
+    each KV head; keep the window + the top budget - window of the prefix."""
+    L, B, budget, window, n_new = 20, 2, 10, 4, 3
+    tokens = random_tokens(B, L, seed=6)
+    config = cfg("snapkv", budget=budget, window=window)
+    _, cache, full, recorder = build_cache(model, tokens, config, max_new_tokens=n_new)
+
+    # the recorder's window queries and the prefill keys are the model's post-RoPE ones (layer 0)
+    q0, k0 = layer0_qk(model, tokens)
+    torch.testing.assert_close(recorder.window_q[0].double(), q0[:, :, -window:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.k[0][:, :, :L].double(), k0, atol=1e-5, rtol=0)
+
+    for layer in range(N_LAYERS):
+        assert cache.k[layer].shape == (B, HKV, budget + n_new, D)  # KV-head sized, room for new tokens
+        assert cache.kept_len[layer] == budget
+        keys = full.k[layer][:, :, :L]
+        scores = naive_snapkv_scores(recorder.window_q[layer], keys)
+        pos = kept_positions(cache.k[layer], keys, budget)
+        for b in range(B):
+            for h in range(HKV):
+                kept = set(pos[b, h].tolist())
+                assert set(range(L - window, L)) <= kept  # the window is always kept
+                assert kept - set(range(L - window, L)) == top_set(scores[b][h], range(L - window),
+                                                                   budget - window)
+
+
+def test_h2o_selection_matches_naive_column_sums(model):
+    L, B, budget, n_new = 20, 2, 10, 3
+    tokens = random_tokens(B, L, seed=7)
+    config = cfg("h2o", budget=budget)
+    # record every prompt query (window = L) so the naive scorer can see them all
+    _, cache, full, recorder = build_cache(model, tokens, config, max_new_tokens=n_new, record_window=L)
+    q0, _ = layer0_qk(model, tokens)
+    torch.testing.assert_close(recorder.window_q[0].double(), q0, atol=1e-5, rtol=0)
+
+    recent = budget // 2
+    for layer in range(N_LAYERS):
+        q, keys = recorder.window_q[layer], full.k[layer][:, :, :L]
+        naive = torch.tensor(naive_column_sums(q, keys), dtype=torch.float64)  # (B, Hq, L)
+        for chunk in (1, 3, L):
+            torch.testing.assert_close(calidrop.h2o_column_sums(q, keys, chunk=chunk).double(), naive,
+                                       atol=1e-5, rtol=0)
+        torch.testing.assert_close(recorder.column_sums[layer].double(), naive, atol=1e-5, rtol=0)
+
+        assert cache.k[layer].shape == (B, HKV, budget + n_new, D)
+        assert cache.kept_len[layer] == budget
+        per_kv = naive.view(B, HKV, HQ // HKV, L).mean(2).tolist()  # GQA: mean over the group
+        pos = kept_positions(cache.k[layer], keys, budget)
+        for b in range(B):
+            for h in range(HKV):
+                kept = set(pos[b, h].tolist())
+                assert set(range(L - recent, L)) <= kept  # the recent half
+                assert kept - set(range(L - recent, L)) == top_set(per_kv[b][h], range(L - recent),
+                                                                   budget - recent)
+
+
+PYRAMID_CASES = [(64, 32, 2), (64, 32, 30), (128, 32, 24), (256, 32, 32), (512, 32, 80), (16, 4, 2),
+                 (16, 4, 7), (100, 8, 13),
+                 # below: small spans (budget - window < beta = 20) and one layer, where it breaks
+                 (16, 4, 26), (8, 4, 11), (64, 32, 1)]
+
+
+@pytest.mark.parametrize("budget,window,n_layers", PYRAMID_CASES)
+def test_pyramid_budgets_schedule(budget, window, n_layers):
+    sizes = calidrop.pyramid_budgets(budget, n_layers, window)
+    assert len(sizes) == n_layers
+    assert all(s > window for s in sizes)
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes  # non-increasing with depth
+    assert sum(sizes) == budget * n_layers, sizes  # averages to the budget
+
+
+# ---------------------------------------------------------------------- 6. a prompt within the budget
+
+def test_budget_at_least_prompt_is_full_cache(model):
+    L, n = 24, 12
+    tokens = random_tokens(2, L + n, seed=8)
+    config = cfg("snapkv", budget=32, window=4, theta1=0.7, theta2=0.85)
+    logits, cache, _, _ = build_cache(model, tokens[:, :L], config, max_new_tokens=n)
+    assert cache.kept_len == [L] * N_LAYERS
+    assert cache.stats(L)["kv_bytes_offloaded"] == 0  # nothing evicted
+    steps = teacher_force(model, cache, tokens, L)
+    ref = full_logits(model, tokens)
+    torch.testing.assert_close(logits, ref[:, L - 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(steps, ref[:, L:], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- 7. batch rows are independent
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_batch_rows_are_independent(model, method):
+    L, n = 48, 16
+    tokens = random_tokens(2, L + n, seed=9)
+    config = cfg(method, theta1=0.7, theta2=0.85)
+    batched, cache = decode_logits(model, tokens, L, config)
+    for row in range(2):
+        alone, _ = decode_logits(model, tokens[row:row + 1], L, config)
+        torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-5, rtol=0)
+    # The case that matters happened: some head recomputed while another did not in the same step.
+    d = cache.decisions()
+    assert 0 < d["recompute"] < 1
+
+
+# ----------------------------------------------------------------------------------- 8. byte counts
+
+@pytest.mark.parametrize("method", calidrop.METHODS)
+@pytest.mark.parametrize("calibration_size", [None, 3])
+def test_byte_counts(model, method, calibration_size):
+    L, n, B, budget = 48, 5, 2, 16
+    tokens = random_tokens(B, L + n, seed=10)
+    config = cfg(method, budget=budget, theta1=0.7, calibration_size=calibration_size)
+    _, cache = decode_logits(model, tokens, L, config)
+    s = cache.stats(L + n)
+    per_token = N_LAYERS * 2 * HKV * D * FP32 * B  # K and V, all layers and sequences
+    # pyramidkv's per-layer budgets differ but sum to budget x n_layers
+    assert s["kv_bytes_kept"] == budget * per_token + n * per_token
+    assert s["kv_bytes_full"] == (L + n) * per_token
+    stored = sum(t.nbytes for layer in range(N_LAYERS) for t in cache.store.get(layer))
+    assert s["kv_bytes_offloaded"] == stored
+    evicted = L - budget if calibration_size is None else calibration_size
+    assert stored == evicted * per_token
+    hist = sum(t.nbytes for t in (*cache.hist_q, *cache.hist_out, *cache.hist_lse))
+    assert s["calibration_bytes"] == hist == N_LAYERS * B * HQ * (2 * D + 1) * FP32
+
+
+# ------------------------------------------------------------------------------ 9. calibration_size
+
+@pytest.mark.parametrize("method", calidrop.METHODS)
+def test_calibration_size(model, method):
+    L, n, B, c = 48, 8, 2, 3
+    tokens = random_tokens(B, L + n, seed=11)
+    config = cfg(method, theta1=0.7, calibration_size=c)
+    _, cache, full, _ = build_cache(model, tokens[:, :L], config, max_new_tokens=n)
+    for layer in range(N_LAYERS):
+        k_ev, v_ev = cache.store.get(layer)
+        assert k_ev.shape == v_ev.shape == (B, HKV, c, D)
+        if method == "streamingllm":  # no scores: the most recent evicted, just before the recent part
+            recent_start = L - (config.budget - config.sink)
+            pos = kept_positions(k_ev, full.k[layer][:, :, :L], c)
+            assert torch.equal(pos, torch.arange(recent_start - c, recent_start).expand(B, HKV, c))
+
+    # calibration_size 0: the evicted set is empty, so even recomputing every step is plain eviction
+    plain, _ = decode_logits(model, tokens, L, cfg(method, calibration=False))
+    empty, _ = decode_logits(model, tokens, L, cfg(method, theta1=2.0, calibration_size=0))
+    torch.testing.assert_close(empty, plain, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- 10. config check
+
+@pytest.mark.parametrize("kw", [dict(method="bogus"), dict(method="snapkv", budget=32, window=32),
+                                dict(method="snapkv", budget=8, window=32),
+                                dict(method="pyramidkv", budget=32, window=32),
+                                dict(method="streamingllm", budget=4, sink=4),
+                                dict(method="streamingllm", budget=2, sink=4)])
+def test_config_check_rejects(kw):
+    with pytest.raises(ValueError):
+        calidrop.CaliDropConfig(**kw).check()
+
+
+def test_config_check_accepts_edges():
+    calidrop.CaliDropConfig(method="snapkv", budget=33, window=32).check()
+    calidrop.CaliDropConfig(method="streamingllm", budget=5, sink=4).check()

@@ -1,0 +1,106 @@
+"""generate.py as a user runs it: a subprocess on the tiny checkpoint."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, write_checkpoint
+
+HERE = Path(__file__).parent
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(HERE / "generate.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE)
+
+
+def test_generates_and_writes_stats(tiny_ckpt, tmp_path):
+    stats_file = tmp_path / "stats.json"
+    prompt = "the quick brown fox jumps over the lazy dog " * 2  # 88 byte tokens
+    result = run_cli("--ckpt", tiny_ckpt, "--prompt", prompt, "--budget", 24, "--window", 8, "--sink", 4,
+                     "--max-new-tokens", 12, "--theta1", 2.0, "--stats-json", stats_file)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(stats_file.read_text())
+    assert stats["prompt_tokens"] == 88 and 1 <= stats["new_tokens"] <= 12
+    assert result.stdout.strip() == stats["text"].strip()  # the text streamed to stdout
+    assert "decode" in result.stderr and "tokens/s" in result.stderr
+    fed = stats["new_tokens"] - 1  # the last sampled token is never fed
+    per_token = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
+    assert stats["kv_bytes_full"] == (88 + fed) * per_token
+    assert stats["kv_bytes_kept"] == (24 + fed) * per_token
+    assert stats["kv_bytes_offloaded"] == (88 - 24) * per_token
+    assert stats["decisions"] == {"calibrate": 0.0, "recompute": 1.0, "none": 0.0}  # theta1 > 1
+    assert stats["compression_ratio"] == pytest.approx(stats["kv_bytes_full"] / stats["kv_bytes_kept"])
+
+
+def test_full_and_compressed_greedy_agree_when_recomputing_every_step(tiny_ckpt, tmp_path):
+    texts = []
+    for method in ("full", "snapkv"):
+        out = tmp_path / f"{method}.json"
+        result = run_cli("--ckpt", tiny_ckpt, "--prompt", "abcdefghij" * 6, "--method", method, "--budget", 20,
+                         "--window", 8, "--theta1", 2.0, "--max-new-tokens", 16, "--stats-json", out)
+        assert result.returncode == 0, result.stderr
+        texts.append(json.loads(out.read_text())["text"])
+    assert texts[0] == texts[1]
+
+
+def test_short_prompt_runs_uncompressed(tiny_ckpt, tmp_path):
+    out = tmp_path / "s.json"
+    result = run_cli("--ckpt", tiny_ckpt, "--prompt", "short", "--budget", 64, "--max-new-tokens", 3,
+                     "--stats-json", out)
+    assert result.returncode == 0, result.stderr
+    assert "not compressed" in result.stderr
+    stats = json.loads(out.read_text())
+    assert not stats["compressed"] and stats["kv_bytes_kept"] == stats["kv_bytes_full"]
+
+
+def test_stops_at_end_of_sequence(tmp_path):
+    """A model whose output head can only prefer one of two EOS tokens stops after one token."""
+    from safetensors.torch import load_file, save_file
+    path = write_checkpoint(tmp_path / "eos", dict(TINY, eos_token_id=[257, 258]))
+    state = load_file(str(path / "model.safetensors"))
+    # the final norm keeps only channel 0; EOS 257 scores +10 x h0 and EOS 258 -10 x h0, the rest 0
+    state["model.norm.weight"] = torch.zeros_like(state["model.norm.weight"])
+    state["model.norm.weight"][0] = 1.0
+    state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
+    state["lm_head.weight"][257, 0], state["lm_head.weight"][258, 0] = 10.0, -10.0
+    save_file(state, str(path / "model.safetensors"))
+    out = tmp_path / "s.json"
+    result = run_cli("--ckpt", path, "--prompt", "hello", "--method", "full", "--max-new-tokens", 20,
+                     "--stats-json", out)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(out.read_text())
+    assert stats["new_tokens"] == 1 and stats["text"] == ""
+
+
+BAD_INPUTS = {
+    "missing directory": (["--ckpt", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
+    "missing tokenizer": (["--ckpt", "{no_tok}", "--prompt", "hi"], "tokenizer.json"),
+    "not a llama": (["--ckpt", "{gpt2}", "--prompt", "hi"], "not a Llama-family decoder"),
+    "prompt too long": (["--ckpt", "{ckpt}", "--prompt", "x" * 600], "longer than the model's context"),
+    "unknown method": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "magic"], "unknown method"),
+    "unknown dtype": (["--ckpt", "{ckpt}", "--prompt", "hi", "--dtype", "int3"], "unknown dtype"),
+    "empty prompt": (["--ckpt", "{ckpt}", "--prompt", "  "], "empty"),
+    "missing prompt file": (["--ckpt", "{ckpt}", "--prompt-file", "{tmp}/none.txt"], "not found"),
+    "budget within window": (["--ckpt", "{ckpt}", "--prompt", "hi", "--budget", "32"], "--budget > --window"),
+    "budget within sinks": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "streamingllm", "--budget", "16",
+                             "--sink", "16"], "--budget > --sink"),
+}
+if not torch.cuda.is_available():
+    BAD_INPUTS["cuda without cuda"] = (["--ckpt", "{ckpt}", "--prompt", "hi", "--device", "cuda"], "CUDA")
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, tmp_path):
+    no_tok = write_checkpoint(tmp_path / "no_tok")
+    (no_tok / "tokenizer.json").unlink()
+    gpt2 = write_checkpoint(tmp_path / "gpt2", dict(TINY, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+    args, message = BAD_INPUTS[case]
+    args = [a.format(tmp=tmp_path, ckpt=tiny_ckpt, no_tok=no_tok, gpt2=gpt2) for a in args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,112 @@
+"""model.py against independent computations: itself run in one shot, and transformers' Llama."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY, tiny_weights, write_checkpoint
+from model import CheckpointError, FullCache, decode_one_token, load_model, prefill
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def full_forward(model, tokens):
+    cache = FullCache(model.args, tokens.shape[0], tokens.shape[1], dtype=model.embed_tokens.weight.dtype)
+    return model(tokens, torch.arange(tokens.shape[1]), cache)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_token_by_token_decode_equals_one_forward(tiny_ckpt, batch):
+    model = load_model(tiny_ckpt)
+    tokens = torch.randint(0, 256, (batch, 40), generator=torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        reference = full_forward(model, tokens)
+        cache = FullCache(model.args, batch, 40)
+        logits = [prefill(model, tokens[:, :8], cache)]
+        for t in range(8, 39):
+            logits.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
+    torch.testing.assert_close(torch.stack(logits, 1), reference[:, 7:39], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_one_forward(tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        reference = full_forward(model, tokens)
+        cache = FullCache(model.args, 1, 30)
+        first = model(tokens[:, :17], torch.arange(17), cache)
+        second = model(tokens[:, 17:], torch.arange(17, 30), cache)
+    torch.testing.assert_close(torch.cat([first, second], 1), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "llama3_rope", "mistral_sharded"])
+def test_logits_match_transformers(tmp_path, variant):
+    config = dict(TINY)
+    if variant == "tied":
+        config["tie_word_embeddings"] = True
+    if variant == "llama3_rope":
+        config["rope_scaling"] = LLAMA3_SCALING
+        config["max_position_embeddings"] = 512
+    if variant == "mistral_sharded":
+        config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    path = write_checkpoint(tmp_path / variant, config)
+    if variant == "mistral_sharded":
+        shard(path)
+    tokens = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = full_forward(load_model(path), tokens)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)(tokens).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def shard(path):
+    """Split model.safetensors into two shards with an index, as large HF checkpoints come."""
+    from safetensors.torch import load_file
+    state = load_file(str(path / "model.safetensors"))
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: state[n] for n in part}, str(path / file))
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "model.safetensors").unlink()
+
+
+def test_tied_head_shares_the_embedding(tmp_path):
+    path = write_checkpoint(tmp_path / "tied", dict(TINY, tie_word_embeddings=True))
+    model = load_model(path)
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_loader_rejects_bad_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path / "empty")
+    gpt2 = write_checkpoint(tmp_path / "gpt2", dict(TINY, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+    with pytest.raises(CheckpointError, match="not a Llama-family decoder"):
+        load_model(gpt2)
+    no_weights = write_checkpoint(tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing weight file"):
+        load_model(no_weights)
+    wrong_shape = write_checkpoint(tmp_path / "wrong")
+    state = tiny_weights(TINY)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(wrong_shape / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(wrong_shape)
+
+
+def test_bfloat16_runs_close_to_float32(tiny_ckpt):
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        fp32 = full_forward(load_model(tiny_ckpt), tokens)
+        bf16 = full_forward(load_model(tiny_ckpt, dtype=torch.bfloat16), tokens)
+    assert bf16.dtype == torch.float32  # logits come back in float32 whatever the weights
+    assert (bf16.softmax(-1) - fp32.softmax(-1)).abs().max() < 0.05
