@@ -239,8 +239,8 @@ class CaliDropCache:
 
     @classmethod
     def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None):
-        """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D), e.g. a full cache's buffers
-        sliced to the prompt; recorder: the PrefillRecorder that watched the prefill."""
+        """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
+        the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it."""
         config.check()
         n_layers = len(keys)
         B, Hkv, L, D = keys[0].shape
@@ -250,9 +250,12 @@ class CaliDropCache:
                    else [config.budget] * n_layers)
         k_kept, v_kept, kept_len, hist_q, hist_out, hist_lse = [], [], [], [], [], []
         for layer in range(n_layers):
-            k, v = keys[layer][:, :, :L], values[layer][:, :, :L]
-            budget = min(budgets[layer], L)  # a prompt within the budget is kept whole
-            keep, evicted = select(layer_scores(config, layer, k, recorder), budget, config.calibration_size)
+            k, v = keys[layer], values[layer]
+            budget = min(budgets[layer], L)
+            if budget == L:  # a prompt within the budget is kept whole
+                keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
+            else:
+                keep, evicted = select(layer_scores(config, layer, k, recorder), budget, config.calibration_size)
             k_kept.append(torch.cat([gather_tokens(k, keep), k.new_zeros(B, Hkv, max_new_tokens, D)], 2))
             v_kept.append(torch.cat([gather_tokens(v, keep), v.new_zeros(B, Hkv, max_new_tokens, D)], 2))
             kept_len.append(budget)
