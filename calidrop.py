@@ -25,13 +25,14 @@ def attention_with_lse(q, k, v, visible=None):
     """One query per head over a set of keys.
 
     q (B, Hq, D); k, v (B, Hkv, S, D); visible (S,) bool or None.
-    Returns out (B, Hq, D) in v's dtype and lse (B, Hq) float32, the log of the softmax denominator.
+    Returns out (B, Hq, D) in v's dtype and lse (B, Hq) in float32 (or float64), the log of the softmax denominator.
     An empty set (S = 0) gives out 0 and lse -inf, the identity of `merge`.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     q_grouped = q.view(B, Hkv, Hq // Hkv, D)  # the query heads that share a KV head, side by side
-    scores = (q_grouped @ k.transpose(-1, -2)).float() / math.sqrt(D)  # (B, Hkv, G, S)
+    precision = torch.promote_types(q.dtype, torch.float32)  # float32 at least, float64 stays
+    scores = (q_grouped @ k.transpose(-1, -2)).to(precision) / math.sqrt(D)  # (B, Hkv, G, S)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = scores.logsumexp(-1)
@@ -46,7 +47,7 @@ def merge(out_a, lse_a, out_b, lse_b):
     """
     w_a = torch.sigmoid(lse_a - lse_b)[..., None]
     w_b = torch.sigmoid(lse_b - lse_a)[..., None]  # = 1 - w_a, without the cancellation
-    out = w_a * out_a.float() + w_b * out_b.float()
+    out = w_a * out_a + w_b * out_b  # in the lse's precision
     return out.to(out_a.dtype), torch.logaddexp(lse_a, lse_b)
 
 
@@ -119,15 +120,18 @@ def score_snapkv(window_q, k, pool_kernel=5):
 def pyramid_budgets(budget, n_layers, window, beta=20):
     """PyramidKV: per-layer budgets decreasing linearly with depth, summing to budget x n_layers.
 
-    The part outside the window goes from 2 x span - span/beta (layer 0) down to span/beta (last),
-    span = budget - window, as in PyramidKV's reference code; rounding keeps the sum exact."""
+    The part outside the window goes from 2 x span - low (layer 0) down to low = span / beta (the last
+    layer, at least 1), span = budget - window, as in PyramidKV's reference code; rounding by largest
+    remainders keeps the sum exact."""
+    if n_layers == 1:
+        return [budget]
     span = budget - window
-    low = span / beta
+    low = max(span / beta, 1.0)
     high = 2 * span - low
-    raw = [high - (high - low) * i / max(n_layers - 1, 1) for i in range(n_layers)]
-    sizes = [max(1, math.floor(x)) for x in raw]
-    for i in sorted(range(n_layers), key=lambda i: math.floor(raw[i]) - raw[i])[:span * n_layers - sum(sizes)]:
-        sizes[i] += 1  # largest remainders first
+    raw = [high - (high - low) * i / (n_layers - 1) for i in range(n_layers)]
+    sizes = [math.floor(x) for x in raw]
+    for i in sorted(range(n_layers), key=lambda i: sizes[i] - raw[i])[:span * n_layers - sum(sizes)]:
+        sizes[i] += 1
     return [window + s for s in sizes]
 
 
