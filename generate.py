@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 import calidrop
+import ott
 from model import CheckpointError, FullCache, decode_one_token, load_model, prefill, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,9 +94,20 @@ def make_config(args) -> calidrop.CaliDropConfig:
     return config
 
 
-def prefill_and_compress(model, tokens, config, max_new_tokens):
+def make_store(args, device):
+    """Where CaliDrop keeps the evicted K/V: host memory when the model runs on a GPU, at --offload-quant."""
+    host = torch.device("cpu") if device.type == "cuda" else device
+    if args.offload_quant == "int8":
+        return ott.Int8Store(host)
+    if args.offload_quant == "ott":
+        return ott.OTTStore(host, bits=args.kv_bits, group=args.group, outliers=args.outliers)
+    return calidrop.OffloadStore(host)
+
+
+def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
     """One prefill with the full cache; then, unless config is None (the full cache) or the prompt fits
-    in the budget, compress it. Returns (logits of the last prompt token, cache)."""
+    in the budget, compress it, offloading the evicted K/V to `store` (default: calidrop.OffloadStore).
+    Returns (logits of the last prompt token, cache)."""
     B, L = tokens.shape
     dev, dtype = tokens.device, model.embed_tokens.weight.dtype
     if config is None or L <= config.budget:
@@ -104,13 +116,13 @@ def prefill_and_compress(model, tokens, config, max_new_tokens):
     full = FullCache(model.args, B, L, dev, dtype)
     recorder = calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o")
     logits = prefill(model, tokens, recorder)
-    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens, store)
     return logits, cache
 
 
 def cache_stats(cache, n_tokens):
     """Byte counts and decision fractions for a cache holding the K/V of n_tokens tokens per sequence."""
-    if isinstance(cache, calidrop.CaliDropCache):
+    if hasattr(cache, "stats"):  # CaliDropCache, ott.QuantizedCache
         return cache.stats(n_tokens)
     full = cache.kv_bytes(n_tokens)
     return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
@@ -162,6 +174,13 @@ def parse_args(argv=None):
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
     g.add_argument("--calibration-size", type=int, default=None,
                    help="offload and calibrate with only this many evicted tokens (default: all)")
+    g.add_argument("--offload-quant", default="none", help="storage of CaliDrop's evicted K/V: none, int8, ott")
+    q = p.add_argument_group("KV-cache quantization (ott.py)")
+    q.add_argument("--kv-quant", default="none", help="none, kivi, ott: quantize the whole cache (--method full)")
+    q.add_argument("--kv-bits", default="2", help="2 (default), 4, 8, or 16 / none (no quantization)")
+    q.add_argument("--outliers", type=int, default=3, help="OTT's full-precision outlier tokens per KV head")
+    q.add_argument("--group", type=int, default=128, help="tokens per quantization group (keys per channel)")
+    q.add_argument("--residual", type=int, default=32, help="recent tokens kept in full precision")
     return p.parse_args(argv)
 
 
@@ -195,7 +214,24 @@ def check_args(args):
             make_config(args)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    check_quantization(args)
     return device, DTYPES[dtype_name]
+
+
+def check_quantization(args):
+    args.kv_bits = 16 if args.kv_bits == "none" else int(args.kv_bits) if args.kv_bits.isdigit() else args.kv_bits
+    if args.kv_bits not in ott.BITS:
+        raise UsageError(f"unknown --kv-bits {args.kv_bits!r} (2, 4, 8, 16 or none)")
+    if args.kv_quant not in ("none", "kivi", "ott"):
+        raise UsageError(f"unknown --kv-quant {args.kv_quant!r} (none, kivi or ott)")
+    if args.offload_quant not in ("none", "int8", "ott"):
+        raise UsageError(f"unknown --offload-quant {args.offload_quant!r} (none, int8 or ott)")
+    if args.kv_quant != "none" and args.method != "full":
+        raise UsageError("--kv-quant quantizes the full-length cache: use it with --method full")
+    if args.kv_quant != "none" and args.compile:
+        raise UsageError("--kv-quant grows its tensors as tokens come: it cannot be used with --compile")
+    if args.group <= args.outliers or args.residual < 0:
+        raise UsageError("--group must be larger than --outliers, and --residual >= 0")
 
 
 def run(args):
@@ -223,7 +259,13 @@ def run(args):
         tokens = torch.tensor([ids], device=device)
         synchronize(device)
         t0 = time.perf_counter()
-        logits, cache = prefill_and_compress(model, tokens, config, max_new)
+        if args.kv_quant != "none":
+            cache = ott.QuantizedCache(model.args, 1, bits=args.kv_bits, group=args.group, residual=args.residual,
+                                       outliers=args.outliers if args.kv_quant == "ott" else 0,
+                                       device=device, dtype=dtype)
+            logits = prefill(model, tokens, cache)
+        else:
+            logits, cache = prefill_and_compress(model, tokens, config, max_new, make_store(args, device))
         token = sample(logits, args.temperature, args.top_k, generator)
         synchronize(device)
         prefill_s = time.perf_counter() - t0
@@ -248,7 +290,8 @@ def run(args):
     fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
     stats = {
         "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
-        "compressed": isinstance(cache, calidrop.CaliDropCache),
+        "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
+        "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
         "calibration": config is not None and config.calibration,
         "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
         "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
