@@ -56,6 +56,21 @@ def write_checkpoint(path, config=TINY, seed=0):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (on a busy 2-core machine, ~100x per step)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def inference_mode():
+    with torch.inference_mode():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("tiny"))

@@ -30,20 +30,7 @@ def model(tiny_ckpt):
     return load_model(tiny_ckpt)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add overhead, and on a busy 2-core machine
-    # their spinning made a decode step ~100x slower. Restored afterwards for other test files.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _inference_mode():
-    with torch.inference_mode():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "inference_mode")
 
 
 def random_tokens(batch, length, seed):

@@ -30,18 +30,7 @@ def model(tiny_ckpt):
     return load_model(tiny_ckpt)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()  # tiny tensors on a busy 2-core machine: threads only add overhead
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _inference_mode():
-    with torch.inference_mode():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "inference_mode")
 
 
 def shape(n_layers):
