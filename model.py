@@ -191,10 +191,15 @@ class FullCache(nn.Module):
         k_all, v_all = self.k[layer], self.v[layer]
         k_all.index_copy_(2, pos, k)
         v_all.index_copy_(2, pos, v)
-        if q.shape[2] == 1:  # decode: the whole static buffer, future slots masked
+        B, Hq, T, D = q.shape
+        if T == 1:  # decode: the whole static buffer, future slots masked
+            # the query heads sharing a KV head act as G queries of that head: each K/V is read once
             mask = self.slots[None, :] <= pos[:, None]
-            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
-        n = int(pos[-1]) + 1  # prefill (possibly a later chunk): causal over everything written so far
+            grouped = q.view(B, k_all.shape[1], -1, D)
+            return F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask).view(B, Hq, 1, D)
+        if int(pos[0]) == 0:  # prefill from the start: the causal kernel, no mask materialised
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        n = int(pos[-1]) + 1  # a later prefill chunk: causal over everything written so far
         mask = self.slots[None, :n] <= pos[:, None]
         return F.scaled_dot_product_attention(q, k_all[:, :, :n], v_all[:, :, :n], attn_mask=mask, enable_gqa=True)
 
