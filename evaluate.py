@@ -327,10 +327,9 @@ SYLLABLES = ("ka", "lo", "mi", "ra", "zu", "te", "vo", "ni", "sa", "pe", "do", "
 
 
 def made_up_names(rng, n):
-    names = set()
-    while len(names) < n:
-        names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize())
-    return sorted(names, key=lambda _: rng.random())
+    """n names of 2-3 syllables, each with its own first syllable: a small model mixes up look-alikes."""
+    return [(first + "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 2)))).capitalize()
+            for first in rng.sample(SYLLABLES, n)]
 
 
 def encode(codec, text):
