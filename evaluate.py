@@ -3,7 +3,7 @@ the same way (in the spirit of LOOM-Scope).
 
     python evaluate.py                                # the whole default grid -> results/
     python evaluate.py --task ppl --methods snapkv --budgets 64,128 --out results/ppl
-    python evaluate.py --quick --out /tmp/quick       # a small slice of every task, a few minutes on CPU
+    python evaluate.py --quick --out /tmp/quick       # a small slice of every task: ~2.5 min on 2 cores
 
 Tasks:
   ppl        teacher-forced continuation of long text (the KJV Bible, or --text-file): NLL, perplexity and
@@ -11,7 +11,7 @@ Tasks:
   passkey    a number hidden at several depths in filler text; question-aware (the question is part of
              the compressed prompt) and query-agnostic (the question is decoded after compression)
   multikey   RULER-style `key: value` needles with made-up names, one asked for, the others distractors
-  needle     the multikey needles in natural text (the Bible), query-agnostic
+  needle     one such needle in natural text (the Bible), query-agnostic
   attention  per layer: cos(q_t, hist_q) post- and pre-RoPE, and the attention output's relative error
              against the full cache for every variant, on the same queries
 Variants of each (method, budget): evict (no calibration), calibrate (theta1 = -1: never recompute, the
@@ -107,7 +107,7 @@ def prefill_rows(model, tokens, extra, window, h2o):
     logits = []
     for b in range(B):
         part = calidrop.PrefillRecorder(FullCache(model.args, 1, L, dev, dtype), window, h2o)
-        logits.append(prefill(model, tokens[b:b + 1], part))
+        logits.append(prefill(model, tokens[b:b + 1], part).clone())  # a view would keep all L x vocab alive
         full.k[:, b:b + 1, :, :L], full.v[:, b:b + 1, :, :L] = part.cache.k, part.cache.v
         for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
             for layer, x in new.items():
@@ -726,14 +726,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def csv(value, kind, choices=None, name=""):
+def parse_list(value, kind, choices=None, name=""):
+    """A comma-separated flag -> tuple; anything unknown or unparsable is a UsageError."""
     try:
         items = tuple(kind(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise UsageError(f"bad {name} list {value!r}") from None
+    if not items:
+        raise UsageError(f"empty {name} list {value!r}")
     bad = [x for x in items if choices is not None and x not in choices]
-    if bad or not items:
-        raise UsageError(f"unknown {name} {', '.join(map(str, bad)) or value!r} (choose from {', '.join(choices)})")
+    if bad:
+        raise UsageError(f"unknown {name} {', '.join(bad)} (choose from {', '.join(choices)})")
     return items
 
 
@@ -741,11 +744,11 @@ def check_args(args):
     """Fill the defaults (whole grid or --quick) and reject bad input before any heavy work.
     Returns (tasks, device, dtype)."""
     defaults = QUICK if args.quick else FULL
-    tasks = TASKS if args.task == "all" else csv(args.task, str, TASKS, "task")
-    args.methods = csv(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
-    args.variants = csv(args.variants, str, VARIANTS, "variant") if args.variants else defaults["variants"]
-    args.budgets = csv(args.budgets, int, None, "budget") if args.budgets else defaults["budgets"]
-    args.lengths = csv(args.lengths, int, None, "length") if args.lengths else defaults["lengths"]
+    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS, "task")
+    args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
+    args.variants = parse_list(args.variants, str, VARIANTS, "variant") if args.variants else defaults["variants"]
+    args.budgets = parse_list(args.budgets, int, None, "budget") if args.budgets else defaults["budgets"]
+    args.lengths = parse_list(args.lengths, int, None, "length") if args.lengths else defaults["lengths"]
     for name in ("segments", "context", "new_tokens"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -780,7 +783,7 @@ def run(args):
     tasks, device, dtype = check_args(args)
     ckpt = resolve_checkpoint(args.ckpt)
     model_args = read_config(ckpt)
-    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64)
+    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64)  # 64: room for the answer
     if longest > model_args.max_position_embeddings:
         raise UsageError(f"{longest} tokens do not fit the model's context ({model_args.max_position_embeddings})")
     codec = TextCodec(ckpt)

@@ -1,0 +1,104 @@
+"""evaluate.py: bad input exits 2 in one line; a --quick run writes complete, well-formed results whose
+numbers hold what the method guarantees (the full cache's KL is 0, exact recompute's is ~0, eviction's
+is not). The slow test runs --quick on the real default model, as a user would."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+
+ROOT = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """A few hundred kilobytes of the KJV: enough for the tiny model's short segments and haystacks."""
+    path = tmp_path_factory.mktemp("text") / "kjv.txt"
+    path.write_text(evaluate.kjv_text()[:400_000])
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "summarize"], "unknown task"),
+    (["--methods", "snapkv,quest"], "unknown method"),
+    (["--variants", "evict,magic"], "unknown variant"),
+    (["--budgets", "64,lots"], "bad budget"),
+    (["--methods", "snapkv", "--budgets", "32"], "--budget > --window"),
+    (["--methods", "streamingllm", "--budgets", "16"], "--budget > --sink"),
+    (["--segments", "0"], "--segments must be"),
+    (["--text-file", "/nonexistent/text.txt"], "text file not found"),
+    (["--lengths", "4096"], "do not fit the model's context"),  # the tiny model's is 512
+])
+def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), *flags])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err
+
+
+def check_quick_results(out, settings):
+    """Everything --quick promises: every task and config present, the tables and plots written, and the
+    numbers that are exact by construction."""
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"settings", *evaluate.TASKS}
+    assert results["settings"]["args"]["quick"] is True and results["settings"]["torch"]
+    grid = {(m, b, v) for m in settings["methods"] for b in settings["budgets"] for v in settings["variants"]}
+    sections = {"ppl": [results["ppl"]], "attention": [results["attention"]],
+                **{t: list(results[t]["modes"].values()) for t in ("passkey", "multikey", "needle")}}
+    assert set(results["passkey"]["modes"]) == set(results["multikey"]["modes"]) == {"aware", "agnostic"}
+    assert set(results["needle"]["modes"]) == {"agnostic"}
+    for task, parts in sections.items():
+        for part in parts:
+            configs = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
+            assert set(configs) == grid and len(part["configs"]) == len(grid), task
+            for c in part["configs"]:
+                assert math.isclose(sum(c["decisions"].values()), 1.0), (task, c)
+                assert c["kv_bytes_kept"] > 0 and c["decode_s"] >= 0
+                if task not in ("ppl", "attention"):
+                    assert 0 <= c["accuracy"]["mean"] <= 1
+                    assert len(c["correct"]) == len(part["full"]["correct"])
+
+    ppl = results["ppl"]
+    assert ppl["full"]["kl"]["mean"] == 0.0
+    for c in ppl["configs"]:
+        assert math.isfinite(c["nll"]["mean"]) and math.isfinite(c["kl"]["mean"])
+        if c["variant"] == "recompute-all":  # exact attention at every step
+            assert abs(c["kl"]["mean"]) < 1e-3 and c["decisions"]["recompute"] == 1.0
+        if c["variant"] == "evict":
+            assert c["kl"]["mean"] > 0 and c["kv_bytes_offloaded"] == 0 and c["calibration_bytes"] == 0
+        if c["variant"] == "calibrate":
+            assert c["kv_bytes_offloaded"] == 0 and c["calibration_bytes"] > 0
+        if c["variant"] in ("recompute", "calidrop"):
+            assert c["kv_bytes_offloaded"] > 0
+    for c in results["attention"]["configs"]:
+        if c["variant"] == "recompute-all":
+            assert c["rel_error"]["mean"] < 1e-3
+        if c["variant"] == "evict":
+            assert c["rel_error"]["mean"] > 0
+    n_layers = len(results["attention"]["configs"][0]["rel_error_by_layer"])
+    assert all(len(v) == n_layers for v in results["attention"]["cos_by_layer"].values())
+
+    table = (out / "results.md").read_text()
+    for task in evaluate.TASKS:
+        assert f"## {task}" in table
+        assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path, capsys):
+    evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), "--text-file", str(small_text), "--lengths", "300",
+                   "--context", "128", "--out", str(tmp_path)])
+    check_quick_results(tmp_path, evaluate.QUICK)
+    assert "ETA" in capsys.readouterr().err  # progress goes to stderr
+
+
+def test_quick_on_the_default_model(tmp_path):
+    """The real SmolLM2-135M-Instruct (prepared on first use), as a user runs it: a few minutes on 2 cores."""
+    run = subprocess.run([sys.executable, "evaluate.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    check_quick_results(tmp_path, evaluate.QUICK)
