@@ -218,7 +218,7 @@ def shared_prefill(model, ids, new_tokens, h2o, window, device, dtype):
 def cache_tensors(cache):
     """Every tensor a cache holds (for the memory column and the byte-count check)."""
     if isinstance(cache, FullCache):
-        return {"kv": [cache.k, cache.v], "offloaded": [], "calibration": [], "other": [cache.slots]}
+        return {"kv": [*cache.k, *cache.v], "offloaded": [], "calibration": [], "other": [cache.slots]}
     store = cache.store
     offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
     return {"kv": [*cache.k, *cache.v], "offloaded": offloaded,
@@ -233,9 +233,8 @@ def nbytes(tensors):
 def filled_kv_bytes(cache):
     """K/V bytes of the slots that really hold a token, counted from the tensors (a written key is never
     all zeros; unwritten slots are)."""
-    ks = [cache.k] if isinstance(cache, FullCache) else cache.k
-    filled = sum(int((k != 0).any(-1).sum()) for k in ks)  # (layer,) batch, head, slot
-    k0 = ks[0]
+    filled = sum(int((k != 0).any(-1).sum()) for k in cache.k)  # per layer: batch, head, slot
+    k0 = cache.k[0]
     return 2 * filled * k0.shape[-1] * k0.element_size()
 
 
@@ -293,8 +292,8 @@ class Steps:
         compiled = self._compiled[key]
         if not full:
             return compiled
-        torch._dynamo.mark_dynamic(cache.k, 3)
-        torch._dynamo.mark_dynamic(cache.v, 3)
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.mark_dynamic(t, 2)
         torch._dynamo.mark_dynamic(cache.slots, 0)
 
         def step(*args):
@@ -358,8 +357,8 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
     other_bytes = 0
     if variant.config is None:
         cache, compress_s = shared.full, 0.0
-        for buf in (cache.k, cache.v):  # a previous row's generated K/V: unwritten slots must read as empty
-            buf[:, :, :, shared.length:].zero_()
+        for buf in (*cache.k, *cache.v):  # a previous row's generated K/V: unwritten slots must read as empty
+            buf[:, :, shared.length:].zero_()
     else:
         synchronize(device)
         t0 = time.perf_counter()

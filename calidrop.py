@@ -220,11 +220,17 @@ class OffloadStore:
     def put(self, layer, k, v):
         self.k[layer], self.v[layer] = k.to(self.device), v.to(self.device)
 
-    def get(self, layer):
-        return self.k[layer], self.v[layer]
+    def get(self, layer, rows=None, kv_heads=None):
+        """The evicted K/V of the (sequence, KV head) pairs rows[i], kv_heads[i]: (n, E, D) each, and only
+        those are read; without pairs, all of them: (B, Hkv, E, D)."""
+        if rows is None:
+            return self.k[layer], self.v[layer]
+        rows, kv_heads = rows.to(self.device), kv_heads.to(self.device)
+        return self.k[layer][rows, kv_heads], self.v[layer][rows, kv_heads]
 
-    def nbytes(self):
-        return sum(t.nbytes for t in (*self.k.values(), *self.v.values()))
+    def nbytes(self, layer=None):
+        layers = self.k if layer is None else [layer]
+        return sum(self.k[i].nbytes + self.v[i].nbytes for i in layers)
 
 
 class CaliDropCache:
@@ -240,6 +246,8 @@ class CaliDropCache:
         B, Hq = batch_heads
         # per (layer, sequence, query head): how often each case happened (calibrate, recompute, none)
         self.counts = torch.zeros(len(k), B, Hq, 3, dtype=torch.long, device=k[0].device)
+        # per (layer, sequence, KV head): how often its evicted K/V were read back from the store
+        self.reloads = torch.zeros(len(k), B, k[0].shape[1], dtype=torch.long, device=k[0].device)
 
     @classmethod
     def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None):
@@ -303,12 +311,22 @@ class CaliDropCache:
         return torch.where((calibrate | recompute)[..., None], merged, out_kept)
 
     def recompute(self, layer, q, heads):
-        """The history is stale for `heads` (B, Hq): attend the reloaded evicted K/V with the current
-        query, exactly, and make it the new history."""
-        out, lse = accumulate(q, *self.store.get(layer))
+        """The history is stale for `heads` (B, Hq): attend the evicted K/V with the current query,
+        exactly, and make it the new history. Only the KV heads with a recomputing query head are read
+        from the store."""
+        B, Hq, D = q.shape
+        Hkv = self.k[layer].shape[1]
+        reload = heads.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv)
+        rows, kv_heads = reload.nonzero(as_tuple=True)
+        k, v = self.store.get(layer, rows, kv_heads)  # (n, E, D) each
+        q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's queries
+        out, lse = accumulate(q_grouped, k[:, None], v[:, None])  # (n, G, D), (n, G)
+        self.reloads[layer] += reload
+        fresh_out = self.hist_out[layer].view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
+        fresh_lse = self.hist_lse[layer].view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
         self.hist_q[layer] = torch.where(heads[..., None], q, self.hist_q[layer])
-        self.hist_out[layer] = torch.where(heads[..., None], out, self.hist_out[layer])
-        self.hist_lse[layer] = torch.where(heads, lse, self.hist_lse[layer])
+        self.hist_out[layer] = torch.where(heads[..., None], fresh_out, self.hist_out[layer])
+        self.hist_lse[layer] = torch.where(heads, fresh_lse, self.hist_lse[layer])
 
     def decisions(self):
         """Fractions of (sequence, layer, query head, step) cases: calibrate, recompute, none."""
@@ -322,11 +340,17 @@ class CaliDropCache:
         per_token = 2 * B * Hkv * D * self.k[0].element_size()  # K and V, all sequences, one layer
         generated = n_tokens - self.prompt_len
         calibration = sum(t.nbytes for t in (*self.hist_q, *self.hist_out, *self.hist_lse))
+        steps = max(generated, 1)
+        # every (sequence, KV head) of a layer holds the same number of evicted tokens: equal shares
+        pairs = self.reloads.sum(dim=(1, 2)).tolist()
+        reloaded = sum(n * self.store.nbytes(layer) / (B * Hkv) for layer, n in enumerate(pairs) if n)
         return {
             "kv_bytes_kept": sum(n + generated for n in self.kept_len) * per_token,
             "kv_bytes_full": len(self.k) * n_tokens * per_token,
             "kv_bytes_offloaded": self.store.nbytes(),
             "calibration_bytes": calibration,
             "kv_bytes_allocated": sum(t.nbytes for t in (*self.k, *self.v)),
+            "reload_bytes_per_token": reloaded / steps,  # all sequences of the batch
+            "reload_fraction": sum(pairs) / (self.reloads[0].numel() * len(self.k) * steps),
             "decisions": self.decisions(),
         }

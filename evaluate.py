@@ -39,16 +39,19 @@ import torch
 import torch.nn.functional as F
 
 import calidrop
+import ott
 from generate import DTYPES, TextCodec, UsageError, cache_stats, log, resolve_checkpoint
 from model import CheckpointError, FullCache, apply_rope, decode_one_token, load_model, prefill, read_config
 
 TASKS = ("ppl", "passkey", "multikey", "needle", "attention")
-VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "recompute-all")
+VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "calidrop+ott-offload", "recompute-all")
+QUANTIZED = {"kivi": 0, "ott": 3}  # full-length 2-bit caches (ott.py) and their outlier tokens per group
+QUANT_BITS = 2
 NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = NEVER always recomputes
 
 # Defaults of the whole grid and of --quick (flags given on the command line win over both).
-FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARIANTS[:4], segments=12,
-            context=2048, new_tokens=128, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), keys=2)
+FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARIANTS[:5], segments=6,
+            context=2048, new_tokens=128, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), keys=1)
 QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segments=2, context=512,
              new_tokens=16, lengths=(512,), depths=(0.5,), keys=1)
 ATTENTION_SEGMENTS, ATTENTION_STEPS = 4, 32  # the per-layer distributions pool segments x steps x heads
@@ -59,7 +62,13 @@ ANSWER_EXTRA = 2  # answer tokens generated beyond the key's own (its leading sp
 def thresholds(variant, args):
     """(theta1, theta2) of a variant; section 5's precedence makes these exact (see CALIDROP.md)."""
     return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
-            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant]
+            "calidrop": (args.theta1, args.theta2), "calidrop+ott-offload": (args.theta1, args.theta2),
+            "recompute-all": (NEVER, NEVER)}[variant]
+
+
+def offload(variant):
+    """How a variant stores its evicted K/V: None (as computed) or "ott" (2-bit, ott.OTTStore)."""
+    return "ott" if variant.endswith("+ott-offload") else None
 
 
 # ------------------------------------------------------------------------------------------- text
@@ -108,7 +117,9 @@ def prefill_rows(model, tokens, extra, window, h2o):
     for b in range(B):
         part = calidrop.PrefillRecorder(FullCache(model.args, 1, L, dev, dtype), window, h2o)
         logits.append(prefill(model, tokens[b:b + 1], part).clone())  # a view would keep all L x vocab alive
-        full.k[:, b:b + 1, :, :L], full.v[:, b:b + 1, :, :L] = part.cache.k, part.cache.v
+        for into, new in ((full.k, part.cache.k), (full.v, part.cache.v)):
+            for layer, x in enumerate(new):
+                into[layer][b:b + 1, :, :L] = x
         for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
             for layer, x in new.items():
                 into[layer] = torch.cat([into[layer], x]) if layer in into else x
@@ -116,7 +127,7 @@ def prefill_rows(model, tokens, extra, window, h2o):
 
 
 class Tiled:
-    """The prompt K/V of one layer, x (n_layers, S, H, >= length, D) cut to length, with its rows
+    """The prompt K/V of one layer, x[layer] (S, H, >= length, D) cut to length, with its rows
     repeated n times (variant-major), made when from_prefill reads the layer: one layer's copy at a
     time, and a view when S = 1."""
 
@@ -124,10 +135,10 @@ class Tiled:
         self.x, self.n, self.length = x, n, length
 
     def __len__(self):
-        return self.x.shape[0]
+        return len(self.x)
 
     def __getitem__(self, layer):
-        x = self.x[layer, :, :, :self.length]
+        x = self.x[layer][:, :, :self.length]
         return x[None].expand(self.n, *x.shape).reshape(-1, *x.shape[1:])
 
 
@@ -140,21 +151,36 @@ def tiled(recorder, n):
 
 
 def compress(args, method, budget, full, recorder, length, max_new):
-    """The variants of one (method, budget) from the prefill: one cache per theta1 (only a recompute
-    variant keeps the evicted K/V), rows = variants x sequences, theta2 per row (a (rows, 1) tensor that
-    broadcasts against the per-head cosine). Returns [(cache, variant names)]."""
-    by_theta1 = {}
+    """The variants of one (method, budget) from the prefill: one cache per (theta1, offload format)
+    (only a recompute variant keeps the evicted K/V), rows = variants x sequences, theta2 per row (a
+    (rows, 1) tensor that broadcasts against the per-head cosine). Returns [(cache, variant names)]."""
+    by_kind = {}
     for variant in args.variants:
-        by_theta1.setdefault(thresholds(variant, args)[0], []).append(variant)
-    S = full.k.shape[1]
+        by_kind.setdefault((thresholds(variant, args)[0], offload(variant)), []).append(variant)
+    S = full.k[0].shape[0]
     caches = []
-    for theta1, names in by_theta1.items():
-        theta2 = torch.tensor([thresholds(v, args)[1] for v in names], device=full.k.device)
+    for (theta1, store), names in by_kind.items():
+        theta2 = torch.tensor([thresholds(v, args)[1] for v in names], device=full.slots.device)
         config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
                                          theta1=theta1, theta2=theta2.repeat_interleave(S)[:, None])
         n = len(names)
         k, v = Tiled(full.k, n, length), Tiled(full.v, n, length)
-        caches.append((calidrop.CaliDropCache.from_prefill(config, k, v, tiled(recorder, n), max_new), names))
+        store = ott.OTTStore(full.slots.device, bits=QUANT_BITS) if store == "ott" else None
+        caches.append((calidrop.CaliDropCache.from_prefill(config, k, v, tiled(recorder, n), max_new, store), names))
+    return caches
+
+
+def quantized_caches(model, full, length, max_new):
+    """The full-length 2-bit caches (KIVI, OTT) holding the prefill's K/V, quantized as ott.py's own
+    prefill would: the same prompt attention, so they start from the same logits."""
+    S, dtype = full.k[0].shape[0], full.k[0].dtype
+    caches = {}
+    for name, outliers in QUANTIZED.items():
+        cache = ott.QuantizedCache(model.args, S, bits=QUANT_BITS, outliers=outliers, device=full.slots.device,
+                                   dtype=dtype)
+        for layer, (k, v) in enumerate(zip(full.k, full.v)):
+            cache.store_prompt(layer, k[:, :, :length], v[:, :, :length])
+        caches[name] = cache
     return caches
 
 
@@ -182,7 +208,7 @@ class Rows:
 def build_batch(args, groups, full, recorder, length, max_new):
     """A batch's caches and, per config, where its rows are: [(method, budget, variant, cache, rows in
     the cache, rows in the batch)]."""
-    S = full.k.shape[1]
+    S = full.k[0].shape[0]
     layout, caches, offset = [], [], 0
     for method, budget in groups:
         for cache, names in compress(args, method, budget, full, recorder, length, max_new):
@@ -273,7 +299,14 @@ def task_ppl(model, codec, args, device):
     reference = torch.stack(list(feed(model, full, inputs, C)), 1)  # (S, M, V): P_full at every step
     nll = -reference.gather(-1, targets[..., None])[..., 0]
     result = {"full": {**ppl_metrics(nll, kl(reference, reference)), **per_sequence(cache_stats(full, C + M), S),
-                       "decode_s": time.perf_counter() - t1}}
+                       "decode_s": time.perf_counter() - t1}, "quantized": {}}
+    for name, cache in quantized_caches(model, full, C, M).items():
+        t1 = time.perf_counter()
+        logp = torch.stack(list(feed(model, cache, inputs, C)), 1)
+        nll = -logp.gather(-1, targets[..., None])[..., 0]
+        result["quantized"][name] = {**ppl_metrics(nll, kl(reference, logp)), "bits": QUANT_BITS,
+                                     **per_sequence(cache.stats(C + M), S), "decode_s": time.perf_counter() - t1}
+        log(f"ppl: {name} {QUANT_BITS}-bit cache: KL {result['quantized'][name]['kl']['mean']:.4f}")
 
     configs, todo = [], batches(args, S, C, kv_bytes_per_token(model))
     progress = Progress("ppl: batch", len(todo))
@@ -393,7 +426,8 @@ def answered(codec, ids, value):
 def run_prompt(model, codec, args, ids, tail, value):
     """One prompt through the full cache and every config. aware: ids already hold the tail (it is
     compressed with the rest); agnostic: the tail is decoded after compression. Returns a record
-    {correct, stats} for the full cache and {(method, budget, variant): {correct, stats, counts, decode_s}}."""
+    {correct, stats} for the full cache, {name: {correct, stats}} for the quantized caches and
+    {(method, budget, variant): {correct, stats, counts, decode_s}}."""
     device, L = ids.device, ids.shape[1]
     n_new = len(encode(codec, " " + value)) + ANSWER_EXTRA
     logits, full, recorder = prefill_rows(model, ids, tail.shape[1] + n_new, args.window, "h2o" in args.methods)
@@ -407,6 +441,8 @@ def run_prompt(model, codec, args, ids, tail, value):
 
     n_tokens = L + tail.shape[1] + n_new - 1  # the last generated token is never fed
     reference = {"correct": answer(full, 1)[0], "stats": per_sequence(cache_stats(full, n_tokens), 1)}
+    quantized = {name: {"correct": answer(cache, 1)[0], "stats": per_sequence(cache.stats(n_tokens), 1)}
+                 for name, cache in quantized_caches(model, full, L, 0).items()}
     results = {}
     for groups in batches(args, 1, L, kv_bytes_per_token(model)):
         rows, layout = build_batch(args, groups, full, recorder, L, tail.shape[1] + n_new)
@@ -417,7 +453,7 @@ def run_prompt(model, codec, args, ids, tail, value):
             stats, counts = config_stats(cache, in_cache, variant, n_tokens)
             results[method, budget, variant] = {"correct": correct[in_batch.start], "stats": stats,
                                                 "counts": counts, "decode_s": decode_s}
-    return reference, results
+    return reference, quantized, results
 
 
 def task_retrieval(task, model, codec, args, device):
@@ -428,18 +464,21 @@ def task_retrieval(task, model, codec, args, device):
     progress = Progress(f"{task}: prompt", len(prompts) * len(modes))
     out = {"modes": {}, "lengths": list(args.lengths), "depths": list(args.depths), "keys": args.keys}
     for mode in modes:
-        full, per_config = [], {}
+        full, per_quantized, per_config = [], {}, {}
         for length, depth, context, question, value in prompts:
             ids, tail = (context + question, []) if mode == "aware" else (context, question)
-            reference, results = run_prompt(model, codec, args, torch.tensor([ids], device=device),
-                                            torch.tensor([tail], device=device, dtype=torch.long), value)
+            reference, quantized, results = run_prompt(model, codec, args, torch.tensor([ids], device=device),
+                                                       torch.tensor([tail], device=device, dtype=torch.long), value)
             full.append({**reference, "length": length})
+            for name, record in quantized.items():
+                per_quantized.setdefault(name, []).append({**record, "length": length})
             for config, record in results.items():
                 per_config.setdefault(config, []).append({**record, "length": length})
             progress.step(f"{mode} {length} tokens, depth {depth:.0%}: full cache "
                           f"{'right' if reference['correct'] else 'wrong'}, "
                           f"{sum(r['correct'] for r in results.values())}/{len(results)} configs right")
         out["modes"][mode] = {"full": summary(full),
+                              "quantized": {name: summary(records) for name, records in per_quantized.items()},
                               "configs": [{"method": m, "budget": b, "variant": v, **summary(records, full)}
                                           for (m, b, v), records in per_config.items()]}
     return out
@@ -480,7 +519,7 @@ class Probe:
     def __init__(self, model, full, shadows, n_blocks, hist_q, prompt_len):
         self.full, self.shadows, self.n = full, shadows, n_blocks
         self.hist_q = hist_q
-        hist_pos = torch.tensor([prompt_len - 1], device=full.k.device)
+        hist_pos = torch.tensor([prompt_len - 1], device=full.slots.device)
         self.hist_q_pre = {layer: unrotate(model, q[:, :, None], hist_pos)[:, :, 0] for layer, q in hist_q.items()}
         self.model = model
         self.errors = {layer: [] for layer in hist_q}  # per layer, per step: (n_blocks x S,)
@@ -572,7 +611,12 @@ def write_table(results, settings, path):
         for mode, metric, label in METRICS[task]:
             part = section(result, mode)
             lines += [f"### {label}", "", f"Full cache: {cell(part['full'][metric])}"
-                      + (f" (by length: {part['full']['accuracy_by_length']})" if metric == "accuracy" else ""), "",
+                      + (f" (by length: {part['full']['accuracy_by_length']})" if metric == "accuracy" else "")
+                      + (f", {part['full']['kv_bytes_kept'] / 2**20:.1f} MB per sequence" if task != "attention" else ""),
+                      "",
+                      *[f"{name.upper()} {QUANT_BITS}-bit full-length cache: {cell(q[metric])}, "
+                        f"{q['kv_bytes_kept'] / 2**20:.2f} MB per sequence" for name, q in part.get("quantized", {}).items()],
+                      "",
                       "| method | budget | " + " | ".join(variants) + " |",
                       "|---|---:|" + "---:|" * len(variants)]
             by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
@@ -653,6 +697,8 @@ def plot(task, result, settings, path):
                 ax.errorbar([b for b, _ in points], [v["mean"] for _, v in points],
                             yerr=[v["se"] for _, v in points], marker="o", capsize=2, label=variant)
             ax.axhline(part["full"][metric]["mean"], color="black", linestyle="--", label="full")
+            for (name, q), style in zip(part.get("quantized", {}).items(), (":", "-.")):
+                ax.axhline(q[metric]["mean"], color="gray", linestyle=style, label=f"{name} {QUANT_BITS}-bit")
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.set_title(method if r == 0 else "")

@@ -126,7 +126,7 @@ def cache_stats(cache, n_tokens):
         return cache.stats(n_tokens)
     full = cache.kv_bytes(n_tokens)
     return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
-            "kv_bytes_allocated": cache.k.nbytes + cache.v.nbytes,
+            "kv_bytes_allocated": cache.nbytes(),
             "decisions": {"calibrate": 0.0, "recompute": 0.0, "none": 0.0}}
 
 

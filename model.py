@@ -175,16 +175,17 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
 
-class FullCache(nn.Module):
-    """The uncompressed cache: static (B, n_kv_heads, max_len, head_dim) buffers per layer, written in
-    place at `pos`, so decode shapes never change (torch.compile) and nothing is repeated per query head."""
+class FullCache:
+    """The uncompressed cache: static (B, n_kv_heads, max_len, head_dim) tensors, one per layer, written in
+    place at `pos`, so decode shapes never change (torch.compile) and nothing is repeated per query head.
+    One tensor per layer, not one stacked buffer: a compiled step that writes a slice of a stacked buffer
+    copies the whole buffer."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device=None, dtype=None):
-        super().__init__()
-        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.slots = torch.arange(max_len, device=device)
 
     def attend(self, layer: int, q, k, v, pos):
         """q (B, Hq, T, D), k, v (B, Hkv, T, D) post-RoPE at positions pos (T,) -> (B, Hq, T, D)."""
@@ -205,8 +206,12 @@ class FullCache(nn.Module):
 
     def kv_bytes(self, n_tokens: int) -> int:
         """Bytes of the filled slots when the cache holds the K/V of n_tokens tokens per sequence."""
-        L, B, H, _, D = self.k.shape
-        return 2 * L * B * H * n_tokens * D * self.k.element_size()
+        B, H, _, D = self.k[0].shape
+        return 2 * len(self.k) * B * H * n_tokens * D * self.k[0].element_size()
+
+    def nbytes(self) -> int:
+        """Bytes allocated for K and V (every slot, filled or not)."""
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
 
 def prefill(model: Llama, tokens: torch.Tensor, cache) -> torch.Tensor:

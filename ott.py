@@ -274,13 +274,17 @@ class QuantizedCache:
 
     def prefill(self, layer, q, k, v, pos):
         assert int(pos[0]) == 0 and self.res_k[layer].shape[2] == 0, "one prefill, from position 0"
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        self.store_prompt(layer, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def store_prompt(self, layer, k, v):
+        """Quantize a prompt's K/V (B, Hkv, L, D), given once after the full-precision prefill attention
+        (also from a full cache's prefill: evaluate.py builds every quantized variant from one prefill)."""
         L, G = k.shape[2], self.group
         n = max(L - self.residual, 0) // G * G  # the last R + (L - R) mod G tokens stay in full precision
         for s in range(0, n, G):
             self.layers[layer].add(k[:, :, s:s + G], v[:, :, s:s + G])
         self.res_k[layer], self.res_v[layer] = k[:, :, n:].clone(), v[:, :, n:].clone()
-        return out
 
     def nbytes(self):
         """The real size of every tensor that holds the cache: codes, scales, zero points, outlier masks,
@@ -310,11 +314,19 @@ class Int8Store:
         self.k[layer] = quantize(k.to(self.device), 8, dim=-1)
         self.v[layer] = quantize(v.to(self.device), 8, dim=-1)
 
-    def get(self, layer):
-        return dequantize(self.k[layer]), dequantize(self.v[layer])
+    def get(self, layer, rows=None, kv_heads=None):
+        """The (sequence, KV head) pairs rows[i], kv_heads[i], dequantized: (n, E, D), and only those are
+        read; without pairs, all of them: (B, Hkv, E, D)."""
+        k, v = self.k[layer], self.v[layer]
+        if rows is not None:
+            rows, kv_heads = rows.to(self.device), kv_heads.to(self.device)
+            k, v = (Quantized(q.codes[rows, kv_heads], q.scale[rows, kv_heads], q.zero[rows, kv_heads], q.bits, q.n)
+                    for q in (k, v))
+        return dequantize(k), dequantize(v)
 
-    def nbytes(self):
-        return sum(q.nbytes for q in (*self.k.values(), *self.v.values()))
+    def nbytes(self, layer=None):
+        layers = self.k if layer is None else [layer]
+        return sum(self.k[i].nbytes + self.v[i].nbytes for i in layers)
 
 
 class OTTStore:
@@ -339,8 +351,16 @@ class OTTStore:
             stored.add(k[:, :, s:s + self.group], v[:, :, s:s + self.group])
         self.layers[layer], self.empty[layer] = stored, (k[:, :, :0].clone(), v[:, :, :0].clone())
 
-    def get(self, layer):
-        return self.layers[layer].tokens() or self.empty[layer]
+    def get(self, layer, rows=None, kv_heads=None):
+        """The (sequence, KV head) pairs rows[i], kv_heads[i], dequantized: (n, E, D); without pairs, all
+        of them: (B, Hkv, E, D). The whole layer is dequantized, then the pairs taken: its groups and
+        outlier pools are laid out per layer, so a per-pair read would need a per-pair layout."""
+        k, v = self.layers[layer].tokens() or self.empty[layer]
+        if rows is None:
+            return k, v
+        rows, kv_heads = rows.to(k.device), kv_heads.to(k.device)
+        return k[rows, kv_heads], v[rows, kv_heads]
 
-    def nbytes(self):
-        return sum(kv.nbytes() for kv in self.layers.values())
+    def nbytes(self, layer=None):
+        layers = self.layers if layer is None else [layer]
+        return sum(self.layers[i].nbytes() for i in layers)

@@ -466,6 +466,26 @@ def test_batch_rows_are_independent(model, method, theta1, theta2):
         assert (recomputes[:, 0] != recomputes[:, 1]).any()  # the rows did decide differently
 
 
+def test_reload_reads_only_kv_heads_with_a_recomputing_query_head(model):
+    # The mixed thresholds of the test above: per step, the KV heads with at least one recomputing query
+    # head are counted from the decisions themselves, independently of the cache's reload counters.
+    L, n, B, budget = 48, 16, 2, 16
+    tokens = random_tokens(B, L + n, seed=9)
+    _, cache = generate.prefill_and_compress(model, tokens[:, :L], cfg("snapkv", theta1=0.0, theta2=0.2), n)
+    expected = torch.zeros_like(cache.reloads)
+    for t in range(L, L + n):
+        before = cache.counts[..., 1].clone()
+        decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
+        recomputed = (cache.counts[..., 1] - before).bool()  # (layers, B, Hq) this step
+        expected += recomputed.view(N_LAYERS, B, HKV, HQ // HKV).any(-1)
+    assert torch.equal(cache.reloads, expected)
+    assert 0 < expected.sum() < expected.numel() * n  # some KV heads were read, not all of them
+    pair_bytes = 2 * (L - budget) * D * FP32  # one (sequence, KV head): its evicted K and V
+    s = cache.stats(L + n)
+    assert s["reload_bytes_per_token"] == pytest.approx(expected.sum().item() * pair_bytes / n, rel=1e-12)
+    assert s["reload_fraction"] == pytest.approx(expected.sum().item() / (N_LAYERS * B * HKV * n), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------- 8. byte counts
 
 @pytest.mark.parametrize("method", calidrop.METHODS)

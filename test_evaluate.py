@@ -65,6 +65,12 @@ def check_quick_results(out, settings):
 
     ppl = results["ppl"]
     assert ppl["full"]["kl"]["mean"] == 0.0
+    for name in evaluate.QUANTIZED:  # 2-bit caches: lossy, and smaller than the full cache
+        q = ppl["quantized"][name]
+        assert q["kl"]["mean"] > 0 and q["kv_bytes_kept"] < ppl["full"]["kv_bytes_kept"]
+        for task in ("passkey", "multikey", "needle"):
+            for part in results[task]["modes"].values():
+                assert len(part["quantized"][name]["correct"]) == len(part["full"]["correct"])
     for c in ppl["configs"]:
         assert math.isfinite(c["nll"]["mean"]) and math.isfinite(c["kl"]["mean"])
         if c["variant"] == "recompute-all":  # exact attention at every step
@@ -73,8 +79,11 @@ def check_quick_results(out, settings):
             assert c["kl"]["mean"] > 0 and c["kv_bytes_offloaded"] == 0 and c["calibration_bytes"] == 0
         if c["variant"] == "calibrate":
             assert c["kv_bytes_offloaded"] == 0 and c["calibration_bytes"] > 0
-        if c["variant"] in ("recompute", "calidrop"):
+        if c["variant"] in ("recompute", "calidrop", "calidrop+ott-offload"):
             assert c["kv_bytes_offloaded"] > 0
+    offloaded = {(c["method"], c["variant"]): c["kv_bytes_offloaded"] for c in ppl["configs"]}
+    for m in settings["methods"]:  # 2 bits plus scales, zero points and outliers: well under a quarter
+        assert offloaded[m, "calidrop+ott-offload"] < offloaded[m, "calidrop"] / 4
     for c in results["attention"]["configs"]:
         if c["variant"] == "recompute-all":
             assert c["rel_error"]["mean"] < 1e-3
@@ -91,7 +100,7 @@ def check_quick_results(out, settings):
 
 def test_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path, capsys):
     evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), "--text-file", str(small_text), "--lengths", "300",
-                   "--context", "128", "--out", str(tmp_path)])
+                   "--context", "192", "--out", str(tmp_path)])
     check_quick_results(tmp_path, evaluate.QUICK)
     assert "ETA" in capsys.readouterr().err  # progress goes to stderr
 
