@@ -1,7 +1,7 @@
 """Benchmark: prefill and decode speed, memory and KV bytes of the full cache, eviction and CaliDrop,
 with Hugging Face transformers' `generate` on the same checkpoint measured in the same run.
 
-    python bench.py                                    # default model, 1k/2k/4k/8k, snapkv + streamingllm @ 256
+    python bench.py                                    # default model, 1k/1.5k/2k/4k/8k, snapkv + streamingllm @ 256
     python bench.py --lengths 1k,8k --methods snapkv --no-compile
     python bench.py --device cuda --random-weights llama3-8b --lengths 1k,8k
 
@@ -223,7 +223,7 @@ def cache_tensors(cache):
     offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
     return {"kv": [*cache.k, *cache.v], "offloaded": offloaded,
             "calibration": [*cache.hist_q, *cache.hist_out, *cache.hist_lse],
-            "other": [*cache.slots, cache.counts]}
+            "other": [*cache.slots, cache.counts, cache.reloads, cache.layer_reloads]}
 
 
 def nbytes(tensors):
@@ -252,13 +252,6 @@ def check_bytes(cache, stats):
     if isinstance(cache, calidrop.CaliDropCache) and not cache.config.recomputes and stats["kv_bytes_offloaded"]:
         problems.append("evicted K/V kept although nothing can recompute")
     return problems
-
-
-def layer_offload_bytes(cache, n_layers):
-    store = cache.store
-    if hasattr(store, "k"):
-        return [store.k[i].nbytes + store.v[i].nbytes if i in store.k else 0 for i in range(n_layers)]
-    return [store.nbytes() / n_layers] * n_layers
 
 
 # -------------------------------------------------------------------------------------- compile
@@ -314,13 +307,13 @@ def prepare_for_cuda_graphs(cache):
         torch._dynamo.mark_static_address(t)
 
 
-def decode(step, model, shared, cache, n_new, device, warmup, offload_per_layer=None, cuda_graphs=False):
+def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False):
     """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
     and, per step, its time, whether something compiled in it, and the layers that reloaded."""
     token = shared.first.clone()
     pos = torch.tensor([shared.length], device=device)
     tokens, times, compiled, reloads = [token], [], [], []
-    counts = cache.counts[..., 1].sum((1, 2)).cpu() if offload_per_layer else None
+    counts = cache.counts[..., 1].sum((1, 2)).cpu() if track_reloads else None
     for _ in range(n_new - 1):
         graphs = Steps.graphs()
         if cuda_graphs:
@@ -333,7 +326,7 @@ def decode(step, model, shared, cache, n_new, device, warmup, offload_per_layer=
         compiled.append(Steps.graphs() != graphs)
         tokens.append(token)
         pos += 1
-        if offload_per_layer:  # outside the timed region: which layers recomputed (and reloaded) this step
+        if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
             now = cache.counts[..., 1].sum((1, 2)).cpu()
             reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
             counts = now
@@ -374,11 +367,10 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         synchronize(device)
         other_bytes = torch.cuda.memory_allocated(device) - wbytes - held_bytes
         torch.cuda.reset_peak_memory_stats(device)
-    per_layer = layer_offload_bytes(cache, model.args.n_layers) if recomputes else None
 
     t0 = time.perf_counter()
     tokens, times, compiled, reloads = decode(steps.get(mode, variant, cache), model, shared, cache, n_new, device,
-                                              args.warmup, per_layer, cuda_graphs)
+                                              args.warmup, recomputes, cuda_graphs)
     decode_s = time.perf_counter() - t0
     timing = timing_summary(times, compiled, args.warmup)
     fed = n_new - 1  # the last sampled token is never fed
@@ -407,7 +399,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         row["recompute_layer_rate"] = sum(len(reloads[i]) for i in valid) / max(len(valid), 1) / model.args.n_layers
         row["recompute_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_r]) if steps_r else None
         row["plain_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_p]) if steps_p else None
-        reload_bytes = sum(per_layer[l] for i in valid for l in reloads[i]) / max(len(valid), 1)
+        reload_bytes = cache.reloaded_bytes() / len(times)  # KV-head granular: what was really read
         row["reload_bytes_per_token"] = reload_bytes
     row["bytes_per_token"] = wbytes + kv_read + reload_bytes
     if row["tokens_per_s"]:
@@ -546,7 +538,7 @@ def targets(rows, args, variants, lengths):
         if f and p:
             ratios[L] = (f[0] / p[0], f[1])
     if ratios:
-        near = [L for L in ratios if 1024 <= L <= 2048] or [min(ratios)]
+        near = [L for L in ratios if L == 1536] or [L for L in ratios if 1024 <= L <= 2048] or [min(ratios)]
         longest = max(ratios)
         ok_short = all(ratios[L][0] >= 1.2 for L in near)
         ok_long = ratios[longest][0] >= 1.5
@@ -634,7 +626,7 @@ def parse_args(argv=None):
                    help=f"random weights at a real shape: a config.json path or {', '.join(RANDOM_CONFIGS)}")
     p.add_argument("--prompt", choices=("kjv", "random"), default=None,
                    help="KJV text (default with a checkpoint) or random token ids (default with --random-weights)")
-    p.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths, e.g. 1k,1.5k,8k or 700")
+    p.add_argument("--lengths", default="1k,1.5k,2k,4k,8k", help="prompt lengths, e.g. 1k,1.5k,8k or 700")
     p.add_argument("--methods", default="snapkv,streamingllm", help="comma-separated: " + ", ".join(calidrop.METHODS))
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--window", type=int, default=32)

@@ -5,6 +5,8 @@ One file, torch only, to read top to bottom or copy into another project. It fol
   2. eviction scores for StreamingLLM, H2O, SnapKV, PyramidKV and one selection  (section 6)
   3. the calibration state of the evicted set under a historical query           (section 4)
   4. decoding: attend the kept cache, then calibrate, recompute or do nothing    (section 5)
+     A recompute reads back only the KV heads that have a recomputing query head (the spec reloads the
+     whole layer); `reloads` counts what was read.
 The cache plugs into a model through one call, `cache.attend(layer, q, k, v, pos)`, with post-RoPE
 q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill: the full K/V plus what
 `PrefillRecorder` saw (the last `window` queries of each layer and, for H2O, the attention each key got).
@@ -248,6 +250,8 @@ class CaliDropCache:
         self.counts = torch.zeros(len(k), B, Hq, 3, dtype=torch.long, device=k[0].device)
         # per (layer, sequence, KV head): how often its evicted K/V were read back from the store
         self.reloads = torch.zeros(len(k), B, k[0].shape[1], dtype=torch.long, device=k[0].device)
+        # per (layer, sequence): steps that read anything, i.e. what reloading whole layers would cost
+        self.layer_reloads = torch.zeros(len(k), B, dtype=torch.long, device=k[0].device)
 
     @classmethod
     def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None):
@@ -322,6 +326,7 @@ class CaliDropCache:
         q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's queries
         out, lse = accumulate(q_grouped, k[:, None], v[:, None])  # (n, G, D), (n, G)
         self.reloads[layer] += reload
+        self.layer_reloads[layer] += reload.any(-1)
         fresh_out = self.hist_out[layer].view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
         fresh_lse = self.hist_lse[layer].view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
         self.hist_q[layer] = torch.where(heads[..., None], q, self.hist_q[layer])
@@ -334,10 +339,12 @@ class CaliDropCache:
         fractions = (total / total.sum().clamp(min=1)).tolist()
         return dict(zip(("calibrate", "recompute", "none"), fractions))
 
-    def reloaded_bytes(self, rows=slice(None)):
-        """Bytes read back from the offload store so far by the sequences `rows`. Every (sequence, KV
-        head) of a layer holds the same number of evicted tokens, so each read is an equal share."""
-        pairs = self.reloads[:, rows].sum(dim=(1, 2)).tolist()  # per layer
+    def reloaded_bytes(self, rows=slice(None), whole_layers=False):
+        """Bytes read back from the offload store so far by the sequences `rows`; with whole_layers, what
+        reading all KV heads of a layer for each of those reloads would have cost. Every (sequence, KV head)
+        of a layer holds the same number of evicted tokens, so each read is an equal share."""
+        counts = self.layer_reloads[:, rows] * self.reloads.shape[2] if whole_layers else self.reloads[:, rows]
+        pairs = counts.flatten(1).sum(1).tolist()  # per layer
         shares = self.reloads.shape[1] * self.reloads.shape[2]
         return sum(n * self.store.nbytes(layer) / shares for layer, n in enumerate(pairs) if n)
 
@@ -355,6 +362,7 @@ class CaliDropCache:
             "calibration_bytes": calibration,
             "kv_bytes_allocated": sum(t.nbytes for t in (*self.k, *self.v)),
             "reload_bytes_per_token": self.reloaded_bytes() / steps,  # all sequences of the batch
+            "reload_bytes_per_token_whole_layers": self.reloaded_bytes(whole_layers=True) / steps,
             "reload_fraction": self.reloads.sum().item() / (self.reloads.numel() * steps),
             "decisions": self.decisions(),
         }

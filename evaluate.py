@@ -260,7 +260,8 @@ def config_stats(cache, rows, variant, n_tokens):
     if variant == "evict":
         out["calibration_bytes"] = 0
     n_rows, steps = rows.stop - rows.start, n_tokens - cache.prompt_len
-    out["reload_bytes_per_token"] = cache.reloaded_bytes(rows) / n_rows / max(steps, 1)  # per sequence
+    for key, whole in (("reload_bytes_per_token", False), ("reload_bytes_per_token_whole_layers", True)):
+        out[key] = cache.reloaded_bytes(rows, whole) / n_rows / max(steps, 1)  # per sequence
     return out, cache.counts[:, rows].sum(dim=(0, 1, 2)).double()
 
 
@@ -421,6 +422,7 @@ def frontier_point(variant, method, budget, r, fast, weights):
     offloaded = r.get("kv_bytes_offloaded", 0)
     return {"variant": variant, "method": method, "budget": budget, "fast_bytes": fast,
             "offloaded_bytes": offloaded, "total_bytes": fast + offloaded, "reload_bytes_per_token": reload,
+            "reload_bytes_per_token_whole_layers": r.get("reload_bytes_per_token_whole_layers", 0.0),
             "kl": r["kl"]["mean"], "kl_se": r["kl"]["se"], "nll": r["nll"]["mean"], "nll_se": r["nll"]["se"],
             "decisions": r.get("decisions"), "gpu_tokens_per_s": gpu_tokens_per_s(weights, fast, reload)}
 
@@ -771,7 +773,7 @@ def write_table(results, settings, path):
                       + (f" (by length: {part['full']['accuracy_by_length']})" if metric == "accuracy" else "")
                       + (f", {part['full']['kv_bytes_kept'] / 2**20:.1f} MB per sequence" if task != "attention" else ""),
                       "",
-                      *[f"{name.upper()} {QUANT_BITS}-bit full-length cache: {cell(q[metric])}, "
+                      *[f"- {name.upper()} {QUANT_BITS}-bit full-length cache: {cell(q[metric])}, "
                         f"{q['kv_bytes_kept'] / 2**20:.2f} MB per sequence" for name, q in part.get("quantized", {}).items()],
                       "",
                       "| method | budget | " + " | ".join(variants) + " |",

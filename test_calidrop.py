@@ -472,18 +472,22 @@ def test_reload_reads_only_kv_heads_with_a_recomputing_query_head(model):
     L, n, B, budget = 48, 16, 2, 16
     tokens = random_tokens(B, L + n, seed=9)
     _, cache = generate.prefill_and_compress(model, tokens[:, :L], cfg("snapkv", theta1=0.0, theta2=0.2), n)
-    expected = torch.zeros_like(cache.reloads)
+    expected, layer_steps = torch.zeros_like(cache.reloads), 0
     for t in range(L, L + n):
         before = cache.counts[..., 1].clone()
         decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
         recomputed = (cache.counts[..., 1] - before).bool()  # (layers, B, Hq) this step
         expected += recomputed.view(N_LAYERS, B, HKV, HQ // HKV).any(-1)
+        layer_steps += int(recomputed.flatten(2).any(-1).sum())  # (layer, sequence) pairs that read anything
     assert torch.equal(cache.reloads, expected)
     assert 0 < expected.sum() < expected.numel() * n  # some KV heads were read, not all of them
     pair_bytes = 2 * (L - budget) * D * FP32  # one (sequence, KV head): its evicted K and V
     s = cache.stats(L + n)
     assert s["reload_bytes_per_token"] == pytest.approx(expected.sum().item() * pair_bytes / n, rel=1e-12)
     assert s["reload_fraction"] == pytest.approx(expected.sum().item() / (N_LAYERS * B * HKV * n), rel=1e-12)
+    # the spec's whole-layer reload: every KV head of a sequence's layer whenever any of them is read
+    assert s["reload_bytes_per_token_whole_layers"] == pytest.approx(
+        layer_steps * HKV * pair_bytes / n, rel=1e-12) and layer_steps * HKV > expected.sum()
 
 
 # ----------------------------------------------------------------------------------- 8. byte counts
