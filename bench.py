@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 import calidrop
-from generate import DTYPES, TextCodec, UsageError, cache_stats, resolve_checkpoint, synchronize
+from generate import TextCodec, UsageError, cache_stats, log, resolve_checkpoint, resolve_device, synchronize
 from model import (CheckpointError, FullCache, Llama, ModelArgs, decode_one_token, load_model, prefill,
                    read_config, rope_inv_freq)
 
@@ -61,10 +61,6 @@ RANDOM_CONFIGS = {  # --random-weights NAME: real shapes, random values (no chec
                          vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
                          max_position_embeddings=8192, tie_word_embeddings=True),
 }
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ inputs, model
@@ -655,17 +651,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device in ("cpu", "cuda") or args.device.startswith("cuda:"):
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but CUDA is not available")
-    else:
-        raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)")
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
+    device, dtype = resolve_device(args.device, args.dtype)
     args.methods = [m for m in args.methods.split(",") if m]
     for m in args.methods:
         if m not in calidrop.METHODS:
@@ -679,7 +665,7 @@ def check_args(args):
     if args.random_weights and args.ckpt:
         raise UsageError("give --ckpt or --random-weights, not both")
     args.modes = ["eager"] * (not args.compile_only) + ["compile"] * (not args.no_compile)
-    return device, DTYPES[dtype_name]
+    return device, dtype
 
 
 def run(args):

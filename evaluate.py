@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import calidrop
 import ott
-from generate import DTYPES, TextCodec, UsageError, cache_stats, log, resolve_checkpoint
+from generate import TextCodec, UsageError, cache_stats, log, resolve_checkpoint, resolve_device
 from model import CheckpointError, FullCache, apply_rope, decode_one_token, load_model, prefill, read_config
 
 TASKS = ("ppl", "passkey", "multikey", "needle", "attention")  # "all"; frontier runs on its own
@@ -584,7 +584,7 @@ def run_prompt(model, codec, args, ids, tail, value):
     compressed with the rest); agnostic: the tail is decoded after compression. Returns a record
     {correct, stats} for the full cache, {name: {correct, stats}} for the quantized caches and
     {(method, budget, variant): {correct, stats, counts, decode_s}}."""
-    device, L = ids.device, ids.shape[1]
+    L = ids.shape[1]
     n_new = len(encode(codec, " " + value)) + ANSWER_EXTRA
     logits, full, recorder = prefill_rows(model, ids, tail.shape[1] + n_new, args.window, "h2o" in args.methods)
 
@@ -977,18 +977,8 @@ def check_args(args):
         raise UsageError(f"text file not found: {args.text_file}")
     if not -1 <= args.theta1 < args.theta2 <= 1:
         raise UsageError("need -1 <= --theta1 < --theta2 <= 1 (the variants set the extremes themselves)")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device == "cpu" or args.device.startswith("cuda"):
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but CUDA is not available")
-    else:
-        raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)")
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
-    return tasks, device, DTYPES[dtype_name]
+    device, dtype = resolve_device(args.device, args.dtype)
+    return tasks, device, dtype
 
 
 def run(args):

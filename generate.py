@@ -184,6 +184,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def resolve_device(device_name, dtype_name):
+    """--device (auto, cpu, cuda, cuda:N) and --dtype (default float32 on CPU, bfloat16 on CUDA) ->
+    (torch.device, torch.dtype); shared by generate.py, evaluate.py and bench.py."""
+    if device_name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device_name in ("cpu", "cuda") or device_name.startswith("cuda:"):
+        device = torch.device(device_name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but CUDA is not available")
+    else:
+        raise UsageError(f"unknown device {device_name!r} (auto, cpu or cuda)")
+    dtype_name = dtype_name or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
+    return device, DTYPES[dtype_name]
+
+
 def check_args(args):
     """Everything that can be wrong with the input, before any heavy work. Returns (device, dtype)."""
     if (args.prompt is None) == (args.prompt_file is None):
@@ -198,24 +215,14 @@ def check_args(args):
         raise UsageError("--max-new-tokens must be >= 1")
     if args.temperature < 0:
         raise UsageError("--temperature must be >= 0")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device in ("cpu", "cuda") or args.device.startswith("cuda:"):
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but CUDA is not available")
-    else:
-        raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)")
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
+    device, dtype = resolve_device(args.device, args.dtype)
     if args.method != "full":
         try:
             make_config(args)
         except ValueError as e:
             raise UsageError(str(e)) from None
     check_quantization(args)
-    return device, DTYPES[dtype_name]
+    return device, dtype
 
 
 def check_quantization(args):
