@@ -177,6 +177,7 @@ class CaliDropConfig:
     budget: int = 256             # prompt tokens kept per (layer, KV head), sinks and window included
     window: int = 32              # SnapKV's observation window
     sink: int = 32                # StreamingLLM's attention sinks
+    # theta1, theta2: floats, or (B, 1) tensors, one per sequence (they broadcast against rho (B, Hq))
     theta1: float = 0.7           # rho < theta1: recompute (<= -1: never, and the evicted K/V are freed)
     theta2: float = 0.85          # rho > theta2: calibrate
     calibration: bool = True      # False: plain eviction
@@ -197,7 +198,8 @@ class CaliDropConfig:
 
     @property
     def recomputes(self):
-        return self.calibration and self.theta1 > -1
+        """Whether any sequence may recompute: only then are the evicted K/V kept."""
+        return self.calibration and bool(torch.as_tensor(self.theta1).max() > -1)
 
 
 def layer_scores(config, layer, k, recorder):
@@ -243,7 +245,7 @@ class CaliDropCache:
         self.config, self.prompt_len = config, prompt_len
         self.k, self.v, self.kept_len = k, v, kept_len  # per layer: (B, Hkv, kept + new, D); int
         self.hist_q, self.hist_out, self.hist_lse = hist_q, hist_out, hist_lse  # per layer: (B, Hq, D)x2, (B, Hq)
-        self.store = store
+        self.store, self.recomputes = store, config.recomputes
         self.slots = [torch.arange(t.shape[2], device=t.device) for t in k]
         B, Hq = batch_heads
         # per (layer, sequence, query head): how often each case happened (calibrate, recompute, none)
@@ -306,8 +308,8 @@ class CaliDropCache:
         """Section 5: per (sequence, query head), recompute if rho < theta1, else calibrate if
         rho > theta2, else nothing; rho = cos(q, hist_q)."""
         rho = F.cosine_similarity(q.float(), self.hist_q[layer].float(), dim=-1)  # (B, Hq)
-        recompute = rho < self.config.theta1 if self.config.recomputes else torch.zeros_like(rho, dtype=torch.bool)
-        if self.config.recomputes and bool(recompute.any()):  # the one host sync: reload only when needed
+        recompute = rho < self.config.theta1 if self.recomputes else torch.zeros_like(rho, dtype=torch.bool)
+        if self.recomputes and bool(recompute.any()):  # the one host sync: reload only when needed
             self.recompute(layer, q, recompute)
         calibrate = ~recompute & (rho > self.config.theta2)
         merged, _ = merge(out_kept, lse_kept, self.hist_out[layer], self.hist_lse[layer])

@@ -24,6 +24,7 @@ weights are read once per step for all of them. Progress goes to stderr; --out D
 results.md and a PNG per task.
 """
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -124,67 +125,62 @@ def segments(codec, text, n, length):
 
 def prefill_rows(model, tokens, extra, window, h2o):
     """The one full-cache prefill that every config starts from: tokens (B, L) -> (last logits (B, V),
-    a FullCache with room for `extra` decode tokens, the merged PrefillRecorder). Row by row, because
-    prefill computes the logits of every position (L x vocab floats) and rows cost no more apart."""
+    a FullCache with room for `extra` decode tokens, the PrefillRecorder that watched it)."""
     B, L = tokens.shape
-    dev, dtype = tokens.device, model.embed_tokens.weight.dtype
-    full = FullCache(model.args, B, L + extra, dev, dtype)
-    merged = calidrop.PrefillRecorder(full, window, h2o)
-    logits = []
-    for b in range(B):
-        part = calidrop.PrefillRecorder(FullCache(model.args, 1, L, dev, dtype), window, h2o)
-        logits.append(prefill(model, tokens[b:b + 1], part).clone())  # a view would keep all L x vocab alive
-        for into, new in ((full.k, part.cache.k), (full.v, part.cache.v)):
-            for layer, x in enumerate(new):
-                into[layer][b:b + 1, :, :L] = x
-        for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
-            for layer, x in new.items():
-                into[layer] = torch.cat([into[layer], x]) if layer in into else x
-    return torch.cat(logits), full, merged
+    full = FullCache(model.args, B, L + extra, tokens.device, model.embed_tokens.weight.dtype)
+    recorder = calidrop.PrefillRecorder(full, window, h2o)
+    return prefill(model, tokens, recorder), full, recorder
 
 
-class Tiled:
-    """The prompt K/V of one layer, x[layer] (S, H, >= length, D) cut to length, with its rows
-    repeated n times (variant-major), made when from_prefill reads the layer: one layer's copy at a
-    time, and a view when S = 1."""
+class SharedRows:
+    """An offload store holding the evicted K/V of S sequences, read by a cache whose rows are n variants
+    of those sequences (variant-major): row r reads sequence r mod S. It counts its bytes n times, what
+    the variants would hold apart, so the cache's per-row byte counts are what one sequence costs."""
 
-    def __init__(self, x, n, length):
-        self.x, self.n, self.length = x, n, length
+    def __init__(self, store, S, n):
+        self.store, self.S, self.n = store, S, n
 
-    def __len__(self):
-        return len(self.x)
+    def get(self, layer, rows=None, kv_heads=None):
+        return self.store.get(layer, None if rows is None else rows % self.S, kv_heads)
 
-    def __getitem__(self, layer):
-        x = self.x[layer][:, :, :self.length]
-        return x[None].expand(self.n, *x.shape).reshape(-1, *x.shape[1:])
-
-
-def tiled(recorder, n):
-    """The recorder's rows repeated n times (variant-major), as if n copies had been prefilled."""
-    out = calidrop.PrefillRecorder(None, recorder.window, recorder.h2o)
-    out.window_q = {layer: q.repeat(n, 1, 1, 1) for layer, q in recorder.window_q.items()}
-    out.column_sums = {layer: s.repeat(n, 1, 1) for layer, s in recorder.column_sums.items()}
-    return out
+    def nbytes(self, layer=None):
+        return self.n * self.store.nbytes(layer)
 
 
 def compress(args, method, budget, variants, full, recorder, length, max_new):
-    """The variants of one (method, budget) from the prefill: one cache per (theta1, offload format)
-    (only a recompute variant keeps the evicted K/V), rows = variants x sequences, theta2 per row (a
-    (rows, 1) tensor that broadcasts against the per-head cosine). Returns [(cache, variant names)]."""
-    by_kind = {}
+    """The variants of one (method, budget) from the prefill. Selection and calibration do not depend on
+    the thresholds, so they run once, on the S sequences; the variants are then rows of one cache per
+    offload format (rows = variants x sequences, variant-major; theta1 and theta2 per row), sharing one
+    copy of the evicted K/V. Returns [(cache, variant names)]."""
+    device = full.slots.device
+    recomputes = any(thresholds(v, args)[0] > -1 for v in variants)
+    config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
+                                     theta1=args.theta1 if recomputes else -1.0)
+    base = calidrop.CaliDropCache.from_prefill(config, [k[:, :, :length] for k in full.k],
+                                               [v[:, :, :length] for v in full.v], recorder, max_new,
+                                               calidrop.OffloadStore(device))
+    by_store = {}
     for variant in variants:
-        by_kind.setdefault((thresholds(variant, args)[0], offload(variant)), []).append(variant)
-    S = full.k[0].shape[0]
-    caches = []
-    for (theta1, store), names in by_kind.items():
-        theta2 = torch.tensor([thresholds(v, args)[1] for v in names], device=full.slots.device)
-        config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
-                                         theta1=theta1, theta2=theta2.repeat_interleave(S)[:, None])
-        n = len(names)
-        k, v = Tiled(full.k, n, length), Tiled(full.v, n, length)
-        store = make_store(store, full.slots.device)
-        caches.append((calidrop.CaliDropCache.from_prefill(config, k, v, tiled(recorder, n), max_new, store), names))
-    return caches
+        by_store.setdefault(offload(variant), []).append(variant)
+    return [(as_rows(base, args, names, kind), names) for kind, names in by_store.items()]
+
+
+def as_rows(base, args, variants, kind):
+    """base's S sequences repeated once per variant (variant-major) with each variant's thresholds, its
+    evicted K/V in a store of format `kind` (None: base's own)."""
+    n, (S, Hq) = len(variants), base.counts.shape[1:3]
+    device = base.k[0].device
+    theta1, theta2 = (torch.tensor([thresholds(v, args)[i] for v in variants], device=device)
+                      .repeat_interleave(S)[:, None] for i in (0, 1))
+    store = base.store
+    if kind and base.recomputes:
+        store = make_store(kind, device)
+        for layer in range(len(base.k)):
+            store.put(layer, *base.store.get(layer))
+    repeat = lambda xs: [x.repeat(n, *(1,) * (x.dim() - 1)) for x in xs]
+    return calidrop.CaliDropCache(dataclasses.replace(base.config, theta1=theta1, theta2=theta2), base.prompt_len,
+                                  repeat(base.k), repeat(base.v), base.kept_len, repeat(base.hist_q),
+                                  repeat(base.hist_out), repeat(base.hist_lse), SharedRows(store, S, n), (n * S, Hq))
 
 
 def quantized_caches(model, full, length, bits=QUANT_BITS):
@@ -255,10 +251,13 @@ def per_sequence(stats, batch):
 def config_stats(cache, rows, variant, n_tokens):
     """Per-sequence bytes of a variant's cache (and what its rows read back from the offload store per
     decode step) and its decision counts (calibrate, recompute, none).
-    Evict rows share a cache with the calibrate rows; alone they would hold no calibration state."""
+    A variant shares its cache with the others of its (method, budget): alone, evict would hold no
+    calibration state and a variant that never recomputes would not keep the evicted K/V."""
     out = per_sequence(cache.stats(n_tokens), cache.counts.shape[1])
     if variant == "evict":
         out["calibration_bytes"] = 0
+    if cache.config.theta1[rows.start].item() <= -1:
+        out["kv_bytes_offloaded"] = 0
     n_rows, steps = rows.stop - rows.start, n_tokens - cache.prompt_len
     for key, whole in (("reload_bytes_per_token", False), ("reload_bytes_per_token_whole_layers", True)):
         out[key] = cache.reloaded_bytes(rows, whole) / n_rows / max(steps, 1)  # per sequence

@@ -164,15 +164,16 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """tokens (B, T) at absolute positions pos (T,) -> logits (B, T, vocab), float32."""
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at absolute positions pos (T,) -> logits (B, T, vocab), float32; with last_only,
+        (B, 1, vocab) for the last position (a prefill needs no more: T x vocab logits cost time and memory)."""
         angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
         angles = torch.cat((angles, angles), dim=-1)
         x = self.embed_tokens(tokens)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, pos, cache)
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x)).float()
 
 
 class FullCache:
@@ -217,7 +218,7 @@ class FullCache:
 def prefill(model: Llama, tokens: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompt tokens (B, T) from position 0; returns the last position's logits (B, vocab)."""
     pos = torch.arange(tokens.shape[1], device=tokens.device)
-    return model(tokens, pos, cache)[:, -1]
+    return model(tokens, pos, cache, last_only=True)[:, -1]
 
 
 def decode_one_token(model: Llama, token: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:

@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import calidrop
 import evaluate
+import generate
+from model import load_model
 
 ROOT = Path(__file__).parent
 
@@ -39,6 +43,37 @@ def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and message in err
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
+    """evaluate.py selects and calibrates once per (method, budget) and decodes the variants as rows of
+    shared caches: each row's log-probs, decisions and bytes equal those of the variant's own cache, built
+    and decoded alone the way generate.py does."""
+    model = load_model(tiny_ckpt)
+    torch.manual_seed(0)
+    L, n = 48, 12
+    tokens = torch.randint(3, model.args.vocab_size, (2, L + n))
+    args = evaluate.parse_args(["--window", "4", "--sink", "4"])
+    variants = ("evict", "calibrate", "recompute", "calidrop", "calidrop+int8-offload", "recompute-all")
+    with torch.inference_mode():
+        _, full, recorder = evaluate.prefill_rows(model, tokens[:, :L], n, args.window, h2o=True)
+        rows, layout = evaluate.build_batch(args, [(method, 16, variants)], full, recorder, L, n)
+        batched = torch.stack(list(evaluate.feed(model, rows, tokens[:, L:].repeat(len(layout), 1), L)), 1)
+        for _, _, variant, cache, in_cache, in_batch in layout:
+            theta1, theta2 = evaluate.thresholds(variant, args)
+            config = calidrop.CaliDropConfig(method=method, budget=16, window=4, sink=4, theta1=theta1, theta2=theta2)
+            store = evaluate.make_store(evaluate.offload(variant), "cpu") or calidrop.OffloadStore("cpu")
+            _, alone = generate.prefill_and_compress(model, tokens[:, :L], config, n, store)
+            logp = torch.stack(list(evaluate.feed(model, alone, tokens[:, L:], L)), 1)
+            torch.testing.assert_close(batched[in_batch], logp, atol=1e-4, rtol=0, msg=variant)
+            assert torch.equal(cache.counts[:, in_cache], alone.counts), variant
+            stats, _ = evaluate.config_stats(cache, in_cache, variant, L + n)
+            own = alone.stats(L + n)
+            assert stats["kv_bytes_offloaded"] == own["kv_bytes_offloaded"] / 2, variant
+            assert stats["reload_bytes_per_token"] == pytest.approx(own["reload_bytes_per_token"] / 2), variant
+            if variant != "evict":  # evict needs no calibration state: evaluate counts none
+                assert stats["calibration_bytes"] == own["calibration_bytes"] / 2, variant
 
 
 def check_quick_results(out, settings):
