@@ -134,11 +134,18 @@ def weight_bytes(model):
 
 
 def measure_bandwidth(device, nbytes):
-    """Read bandwidth of a plain tensor sum (GB/s, median of 5) and a copy (read + write)."""
+    """Read bandwidth of a plain tensor sum (GB/s, median of 5) and a copy (read + write); on CUDA also
+    host-to-device copies from pageable and from pinned memory: the link an offloaded cache is read over."""
     x = torch.ones(int(nbytes) // 4, device=device)
     y = torch.empty_like(x)
+    tests = [("sum", lambda: x.sum(), x.nbytes), ("copy", lambda: y.copy_(x), 2 * x.nbytes)]
+    if device.type == "cuda":
+        pageable = torch.ones(x.numel())
+        pinned = pageable.pin_memory()
+        tests += [("h2d_pageable", lambda: y.copy_(pageable), x.nbytes),
+                  ("h2d_pinned", lambda: y.copy_(pinned, non_blocking=True), x.nbytes)]
     result = {}
-    for name, fn, moved in (("sum", lambda: x.sum(), x.nbytes), ("copy", lambda: y.copy_(x), 2 * x.nbytes)):
+    for name, fn, moved in tests:
         fn()
         times = []
         for _ in range(5):
@@ -726,6 +733,9 @@ def run(args):
           f"{args.warmup} warm-up steps; budget {args.budget}")
     print(f"memory bandwidth (plain tensor sum): {bw['sum_gb_s']:.1f} GB/s (copy: {bw['copy_gb_s']:.1f} GB/s "
           f"read + write); '% bw' below is GB/s over the sum's", flush=True)
+    if "h2d_pinned_gb_s" in bw:
+        print(f"host to device: {bw['h2d_pageable_gb_s']:.1f} GB/s from pageable memory (what OffloadStore "
+              f"holds), {bw['h2d_pinned_gb_s']:.1f} GB/s from pinned memory", flush=True)
 
     rows = []
     h2o = "h2o" in args.methods
