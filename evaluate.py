@@ -125,11 +125,23 @@ def segments(codec, text, n, length):
 
 def prefill_rows(model, tokens, extra, window, h2o):
     """The one full-cache prefill that every config starts from: tokens (B, L) -> (last logits (B, V),
-    a FullCache with room for `extra` decode tokens, the PrefillRecorder that watched it)."""
+    a FullCache with room for `extra` decode tokens, the merged PrefillRecorder). Row by row: on 2 CPU
+    cores one batched prefill of 6 x 2,048 tokens (with H2O's sums) took 74 s."""
     B, L = tokens.shape
-    full = FullCache(model.args, B, L + extra, tokens.device, model.embed_tokens.weight.dtype)
-    recorder = calidrop.PrefillRecorder(full, window, h2o)
-    return prefill(model, tokens, recorder), full, recorder
+    dev, dtype = tokens.device, model.embed_tokens.weight.dtype
+    full = FullCache(model.args, B, L + extra, dev, dtype)
+    merged = calidrop.PrefillRecorder(full, window, h2o)
+    logits = []
+    for b in range(B):
+        part = calidrop.PrefillRecorder(FullCache(model.args, 1, L, dev, dtype), window, h2o)
+        logits.append(prefill(model, tokens[b:b + 1], part))
+        for into, new in ((full.k, part.cache.k), (full.v, part.cache.v)):
+            for layer, x in enumerate(new):
+                into[layer][b:b + 1, :, :L] = x
+        for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
+            for layer, x in new.items():
+                into[layer] = torch.cat([into[layer], x]) if layer in into else x
+    return torch.cat(logits), full, merged
 
 
 class SharedRows:
