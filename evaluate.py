@@ -51,7 +51,7 @@ QUANT_BITS = 2
 NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = NEVER always recomputes
 
 # Defaults of the whole grid and of --quick (flags given on the command line win over both).
-# The whole grid fits in an hour on 2 CPU cores with 6 segments and one key per (length, depth), and with
+# The whole grid takes 42 minutes on 2 CPU cores with 6 segments and one key per (length, depth), and with
 # multikey and needle at 1k and 2k only (the passkey task covers 4k).
 FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARIANTS[:4], segments=6,
             context=2048, new_tokens=128, lengths=(1024, 2048, 4096), needle_lengths=(1024, 2048),
