@@ -192,6 +192,26 @@ def test_recompute_every_step_equals_full_cache(model, method):
     assert (cache.counts.sum(-1) == n).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh runs it on one)")
+def test_host_offload_on_cuda_reloads_from_pinned_memory(tiny_ckpt):
+    """On a GPU the evicted K/V wait in pinned host memory and a reload copies each (sequence, KV head) to
+    the GPU: the logits equal those with the store on the GPU, and recompute-every-step stays exact."""
+    gpu = load_model(tiny_ckpt, "cuda")
+    L, n = 48, 16
+    tokens = random_tokens(2, L + n, seed=2).cuda()
+    logits = {}
+    for where in ("cpu", "cuda"):
+        store = calidrop.OffloadStore(where)
+        first, cache = generate.prefill_and_compress(gpu, tokens[:, :L], cfg("snapkv", theta1=2.0, theta2=-1.0), n, store)
+        steps = [decode_one_token(gpu, tokens[:, t:t + 1], torch.tensor([t], device="cuda"), cache)
+                 for t in range(L, L + n)]
+        logits[where] = torch.stack([first] + steps, 1)
+        assert store.k[0].is_pinned() == (where == "cpu")
+    torch.testing.assert_close(logits["cpu"], logits["cuda"], atol=1e-5, rtol=0)
+    reference = gpu(tokens, torch.arange(L + n, device="cuda"), FullCache(gpu.args, 2, L + n, "cuda"))
+    torch.testing.assert_close(logits["cpu"], reference[:, L - 1:], atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------- 3. never act == the base method, bit for bit
 
 @pytest.mark.parametrize("method", calidrop.METHODS)
