@@ -15,9 +15,9 @@ compiled something) are left out. tokens/s = timed steps / their total time; "st
 "8k" is 8192 minus --new-tokens (8064): the default model's context is 8192. The peer's steps are
 timed by a stopping criterion that transformers calls once per new token (its first call ends the prefill).
 
---compile: one compiled step per kind of row (full, eviction, calibrate-only), with the shapes that change
-with the prompt length made symbolic, so that each graph is compiled once per run and reused by every
-length and method (a cold compile of the 30-layer step takes 1-2 minutes on 2 CPU cores). Compiled rows
+--compile: one compiled step per kind of row (full, eviction, calibrate-only), with the full cache's length
+made symbolic, so that each graph is compiled once per run and reused by every length and method (a cold
+compile of the 30-layer step takes 1-2 minutes on 2 CPU cores). Compiled rows
 decode --compile-new-tokens tokens. Rows that can recompute are not compiled unless --compile-recompute:
 calidrop.py decides the reload with a host sync inside every layer, which splits the step into hundreds
 of graphs. On CUDA the rows without recompute use mode="reduce-overhead" (CUDA graphs).
@@ -264,10 +264,9 @@ class Steps:
     one graph serves every prompt length and both methods of a variant (on CPU a cold compile of the
     30-layer step costs minutes: it must not be paid per row).
 
-    Shapes that change with the prompt length are symbolic from the first compile: the full cache's
-    slot dimension (marked dynamic; parameters and buffers are otherwise static) and, for compressed
-    caches, everything but the parameters (their kept buffers are budget-sized, but the prompt length
-    and the recorded queries' strides differ)."""
+    The full cache's slot dimension changes with the prompt length: it is marked dynamic, so it is
+    symbolic from the first compile. A compressed cache's buffers are budget-sized and its prompt length
+    enters the step as a tensor (calidrop.py's slot_offset), so its step compiles statically, once."""
 
     def __init__(self, device):
         self.device = device
@@ -284,7 +283,7 @@ class Steps:
         key = (full, cuda_graphs, recomputes)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
-                                                fullgraph=not recomputes, dynamic=None if full else True)
+                                                fullgraph=not recomputes)
         compiled = self._compiled[key]
         if not full:
             return compiled

@@ -256,6 +256,9 @@ class CaliDropCache:
         self.hist_q, self.hist_out, self.hist_lse = hist_q, hist_out, hist_lse  # per layer: (B, Hq, D)x2, (B, Hq)
         self.store, self.recomputes = store, config.recomputes
         self.slots = [torch.arange(t.shape[2], device=t.device) for t in k]
+        # the token at position pos goes to slot pos - prompt_len + kept_len: the offset is a tensor so that
+        # a compiled decode step does not depend on the prompt length (one graph for every prompt)
+        self.slot_offset = [torch.tensor([n - prompt_len], device=k[0].device) for n in kept_len]
         B, Hq = batch_heads
         # per (layer, sequence, query head): how often each case happened (calibrate, recompute, none)
         self.counts = torch.zeros(len(k), B, Hq, 3, dtype=torch.long, device=k[0].device)
@@ -302,7 +305,7 @@ class CaliDropCache:
     def attend(self, layer, q, k, v, pos):
         """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
         assert q.shape[2] == 1, "a CaliDropCache decodes one token at a time; prefill with the full cache"
-        slot = pos - self.prompt_len + self.kept_len[layer]
+        slot = pos + self.slot_offset[layer]
         self.k[layer].index_copy_(2, slot, k)
         self.v[layer].index_copy_(2, slot, v)
         q = q[:, :, 0]

@@ -212,6 +212,24 @@ def test_host_offload_on_cuda_reloads_from_pinned_memory(tiny_ckpt):
     torch.testing.assert_close(logits["cpu"], reference[:, L - 1:], atol=1e-4, rtol=0)
 
 
+def test_compiled_step_equals_eager_and_compiles_once_for_every_prompt_length(model):
+    """torch.compile of the decode step (generate.py --compile, bench.py) on a calibrate-only cache: the
+    logits equal the eager step's, and prompts of two lengths share one graph (the prompt length enters
+    the step as a tensor)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    step = torch.compile(decode_one_token, fullgraph=True)
+    for L in (40, 56):
+        tokens = random_tokens(2, L + 6, seed=L)
+        logits = {}
+        for name, fn in (("eager", decode_one_token), ("compiled", step)):
+            _, cache = generate.prefill_and_compress(model, tokens[:, :L], cfg("snapkv", theta1=-1.0, theta2=0.0), 6)
+            logits[name] = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
+                                        for t in range(L, L + 6)], 1)
+        torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ---------------------------------------------------------- 3. never act == the base method, bit for bit
 
 @pytest.mark.parametrize("method", calidrop.METHODS)
