@@ -485,20 +485,24 @@ def plot_frontier(result, path):
     families = {}
     for p in result["points"]:
         families.setdefault(family(p), []).append(p)
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(families)}  # 14 lines: 10 colors repeat
     mb = 2 ** -20
     for ax, key, label in ((axes[0], "fast_bytes", "fast bytes per sequence (MB)"),
                            (axes[1], "total_bytes", "fast + offloaded bytes per sequence (MB)")):
         for name, ps in families.items():
             ps = sorted(ps, key=lambda p: p[key])
-            marker = "*" if name == "full" else "o"
-            ax.plot([p[key] * mb for p in ps], [p["kl"] for p in ps], marker=marker, label=name)
+            style = "*" if name == "full" else "s--" if ps[0]["method"] is None else "o-"
+            ax.plot([p[key] * mb for p in ps], [p["kl"] for p in ps], style, color=colors[name], label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("KL(full || variant)")
     axes[0].legend(fontsize="small", ncol=2)
+    markers = {}
     for p in result["points"]:
         if p["reload_bytes_per_token"] > 0:
-            axes[2].scatter(p["reload_bytes_per_token"] * mb, p["kl"], label=point_name(p))
+            marker = markers.setdefault(p["budget"], "o^sDv"[len(markers) % 5])
+            axes[2].scatter(p["reload_bytes_per_token"] * mb, p["kl"], color=colors[family(p)], marker=marker,
+                            label=point_name(p))
     axes[2].set_xlabel("reload traffic (MB per token)")
     axes[2].set_ylabel("KL(full || variant)")
     axes[2].legend(fontsize="x-small")
