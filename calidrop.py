@@ -165,7 +165,9 @@ class PrefillRecorder:
 
     def attend(self, layer, q, k, v, pos):
         out = self.cache.attend(layer, q, k, v, pos)
-        self.window_q[layer] = q[:, :, -self.window:].clone()
+        # contiguous: a plain clone would keep q's strides, which depend on the prompt length (and a
+        # compiled decode step guards on the strides of hist_q, a view of this)
+        self.window_q[layer] = q[:, :, -self.window:].clone(memory_format=torch.contiguous_format)
         if self.h2o:
             self.column_sums[layer] = h2o_column_sums(q, k)
         return out
