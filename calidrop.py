@@ -216,7 +216,7 @@ def layer_scores(config, layer, k, recorder):
 
 class OffloadStore:
     """Holds each layer's evicted K/V off the fast path: host memory when the model runs on a GPU, pinned,
-    so that a reload copies at the host link's speed (measured on an H100: 54 GB/s pinned, 6.6 pageable).
+    so that a reload copies at the host link's speed (measured on an H100: 47-54 GB/s pinned, 6-7 pageable).
 
     Any object with put / get / nbytes can replace it (generate.py passes a quantized one)."""
 
