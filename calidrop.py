@@ -256,7 +256,8 @@ class CaliDropCache:
         self.config, self.prompt_len = config, prompt_len
         self.k, self.v, self.kept_len = k, v, kept_len  # per layer: (B, Hkv, kept + new, D); int
         self.hist_q, self.hist_out, self.hist_lse = hist_q, hist_out, hist_lse  # per layer: (B, Hq, D)x2, (B, Hq)
-        self.store, self.recomputes = store, config.recomputes
+        self.store = store
+        self.recomputes = config.recomputes  # once: with per-sequence theta1 tensors it costs a host sync
         self.slots = [torch.arange(t.shape[2], device=t.device) for t in k]
         # the token at position pos goes to slot pos - prompt_len + kept_len: the offset is a tensor so that
         # a compiled decode step does not depend on the prompt length (one graph for every prompt)

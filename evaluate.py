@@ -126,7 +126,7 @@ def segments(codec, text, n, length):
 def prefill_rows(model, tokens, extra, window, h2o):
     """The one full-cache prefill that every config starts from: tokens (B, L) -> (last logits (B, V),
     a FullCache with room for `extra` decode tokens, the merged PrefillRecorder). Row by row: on 2 CPU
-    cores 6 x 2,048 tokens (with H2O's sums) took 57 s so and 74 s as one batch."""
+    cores 6 x 2,048 tokens (with H2O's sums) took 57 s that way and 74 s as one batch."""
     B, L = tokens.shape
     dev, dtype = tokens.device, model.embed_tokens.weight.dtype
     full = FullCache(model.args, B, L + extra, dev, dtype)

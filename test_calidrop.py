@@ -54,7 +54,7 @@ def full_logits(model, tokens):
 
 def teacher_force(model, cache, tokens, prompt_len):
     """Feed tokens[:, prompt_len:] one by one into a prefilled cache -> (B, n, vocab) logits."""
-    steps = [decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
+    steps = [decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t], device=tokens.device), cache)
              for t in range(prompt_len, tokens.shape[1])]
     return torch.stack(steps, 1)
 
@@ -203,9 +203,7 @@ def test_host_offload_on_cuda_reloads_from_pinned_memory(tiny_ckpt):
     for where in ("cpu", "cuda"):
         store = calidrop.OffloadStore(where)
         first, cache = generate.prefill_and_compress(gpu, tokens[:, :L], cfg("snapkv", theta1=2.0, theta2=-1.0), n, store)
-        steps = [decode_one_token(gpu, tokens[:, t:t + 1], torch.tensor([t], device="cuda"), cache)
-                 for t in range(L, L + n)]
-        logits[where] = torch.stack([first] + steps, 1)
+        logits[where] = torch.cat([first[:, None], teacher_force(gpu, cache, tokens, L)], 1)
         assert store.k[0].is_pinned() == (where == "cpu")
     torch.testing.assert_close(logits["cpu"], logits["cuda"], atol=1e-5, rtol=0)
     reference = gpu(tokens, torch.arange(L + n, device="cuda"), FullCache(gpu.args, 2, L + n, "cuda"))
