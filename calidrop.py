@@ -294,7 +294,8 @@ class CaliDropCache:
             kept_len.append(budget)
             if not config.calibration:
                 continue
-            q = recorder.window_q[layer][:, :, -1]  # the last prompt query: the historical query
+            # the last prompt query: the historical query; a clone, a view would keep the whole window alive
+            q = recorder.window_q[layer][:, :, -1].clone()
             k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
             out, lse = accumulate(q, k_evicted, v_evicted)
             hist_q.append(q)

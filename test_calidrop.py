@@ -548,6 +548,46 @@ def test_byte_counts(model, method, calibration_size):
     assert s["calibration_bytes"] == hist == N_LAYERS * B * HQ * (2 * D + 1) * FP32
 
 
+def held_tensors(obj, seen=None):
+    """Every tensor reachable from obj through attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    children = (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple))
+                else vars(obj).values() if hasattr(obj, "__dict__") else ())
+    return [t for child in children for t in held_tensors(child, seen)]
+
+
+def storage_bytes(tensors):
+    """Bytes of the memory the tensors keep alive: each distinct storage once, whole (a view of a larger
+    buffer keeps all of it)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("method", calidrop.METHODS)
+@pytest.mark.parametrize("theta1", [0.7, -1.0])
+def test_cache_holds_what_it_counts(model, method, theta1):
+    """The memory the cache keeps alive, counted from the tensors' storages, is what the byte counts say
+    and what the shapes give: a kept view of a larger buffer (hist_q of the recorder's W window queries)
+    fails it."""
+    L, n, B, budget = 48, 5, 2, 16
+    _, cache, _, recorder = build_cache(model, random_tokens(B, L, seed=10), cfg(method, theta1=theta1),
+                                        max_new_tokens=n)
+    assert recorder.window_q[0].shape[2] > 1  # a view of it would hold more than one query
+    stored = held_tensors(cache.store)
+    floats = [t for t in held_tensors(cache, {id(cache.store)}) if t.is_floating_point()]  # not the counters
+    kv = N_LAYERS * 2 * B * HKV * (budget + n) * D * FP32  # pyramidkv: per-layer budgets, the same sum
+    calibration = N_LAYERS * B * HQ * (2 * D + 1) * FP32  # hist_q, hist_out (B, Hq, D); hist_lse (B, Hq)
+    evicted = N_LAYERS * 2 * B * HKV * (L - budget) * D * FP32 if theta1 > -1 else 0
+    assert storage_bytes(floats) == kv + calibration
+    assert storage_bytes(stored) == evicted
+    s = cache.stats(L)
+    assert (s["kv_bytes_allocated"], s["calibration_bytes"], s["kv_bytes_offloaded"]) == (kv, calibration, evicted)
+
+
 # ------------------------------------------------------------------------------ 9. calibration_size
 
 @pytest.mark.parametrize("method", calidrop.METHODS)
