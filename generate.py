@@ -8,80 +8,16 @@ decision fractions) goes to stderr, and to --stats-json FILE as one JSON object.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 import calidrop
 import ott
-from model import CheckpointError, FullCache, decode_one_token, load_model, prefill, read_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported in one line, exit status 2."""
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- checkpoint and tokenizer
-
-def resolve_checkpoint(ckpt):
-    """The given directory, or the default model, prepared on first use."""
-    if ckpt is not None:
-        return Path(ckpt)
-    from scripts.prepare_smollm2 import prepare
-    try:
-        return prepare()
-    except RuntimeError as e:
-        raise CheckpointError(f"could not prepare the default model: {e}") from None
-
-
-class TextCodec:
-    """tokenizer.json plus what the checkpoint says about stop tokens and the chat format."""
-
-    def __init__(self, ckpt: Path):
-        if not (ckpt / "tokenizer.json").is_file():
-            raise CheckpointError(f"no tokenizer.json in {ckpt}")
-        self.tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-        extra = {}
-        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-            if (ckpt / name).is_file():
-                extra[name] = json.loads((ckpt / name).read_text())
-        tok_config = extra.get("tokenizer_config.json", {})
-        stop = set(tok_config.get("stop_token_ids", []))
-        for name in ("config.json", "generation_config.json"):
-            eos = extra.get(name, {}).get("eos_token_id")
-            stop.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.stop_ids = sorted(stop)
-        self.system_prompt = tok_config.get("default_system_prompt")
-        vocab = self.tokenizer.get_vocab()
-        self.chat_format = ("chatml" if "<|im_start|>" in vocab else
-                            "llama3" if "<|start_header_id|>" in vocab else None)
-
-    def chat(self, user: str) -> str:
-        """The prompt as one user turn in the checkpoint's chat format, ready for the assistant."""
-        if self.chat_format == "chatml":
-            system = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
-            return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":
-            return ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-                    f"{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-        raise UsageError("--chat: this tokenizer has no known chat format (ChatML or Llama-3)")
-
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        if chat:  # the chat text spells out its special tokens itself
-            return self.tokenizer.encode(self.chat(text), add_special_tokens=False).ids
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+from common import (TextCodec, UsageError, cache_stats, log, resolve_checkpoint, resolve_device, run_cli,
+                    synchronize)
+from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
 # -------------------------------------------------------------------------------- caches, sampling
@@ -120,16 +56,6 @@ def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
     return logits, cache
 
 
-def cache_stats(cache, n_tokens):
-    """Byte counts and decision fractions for a cache holding the K/V of n_tokens tokens per sequence."""
-    if hasattr(cache, "stats"):  # CaliDropCache, ott.QuantizedCache
-        return cache.stats(n_tokens)
-    full = cache.kv_bytes(n_tokens)
-    return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
-            "kv_bytes_allocated": cache.nbytes(),
-            "decisions": {"calibrate": 0.0, "recompute": 0.0, "none": 0.0}}
-
-
 def sample(logits, temperature, top_k, generator):
     """logits (B, vocab) -> next tokens (B, 1); temperature 0 is greedy."""
     if temperature == 0:
@@ -140,11 +66,6 @@ def sample(logits, temperature, top_k, generator):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -158,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
@@ -168,8 +89,8 @@ def parse_args(argv=None):
     g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
     g.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
     g.add_argument("--no-calibration", action="store_true", help="plain eviction, no CaliDrop")
-    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1")
-    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
+    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1; > 1: at every step, <= -1: never")
+    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
     g.add_argument("--calibration-size", type=int, default=None,
@@ -182,23 +103,6 @@ def parse_args(argv=None):
     q.add_argument("--group", type=int, default=128, help="tokens per quantization group (keys per channel)")
     q.add_argument("--residual", type=int, default=32, help="recent tokens kept in full precision")
     return p.parse_args(argv)
-
-
-def resolve_device(device_name, dtype_name):
-    """--device (auto, cpu, cuda, cuda:N) and --dtype (default float32 on CPU, bfloat16 on CUDA) ->
-    (torch.device, torch.dtype); shared by generate.py, evaluate.py and bench.py."""
-    if device_name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device_name in ("cpu", "cuda") or device_name.startswith("cuda:"):
-        device = torch.device(device_name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but CUDA is not available")
-    else:
-        raise UsageError(f"unknown device {device_name!r} (auto, cpu or cuda)")
-    dtype_name = dtype_name or ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
-    return device, DTYPES[dtype_name]
 
 
 def check_args(args):
@@ -215,6 +119,8 @@ def check_args(args):
         raise UsageError("--max-new-tokens must be >= 1")
     if args.temperature < 0:
         raise UsageError("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be >= 1 (leave it out to sample from every token)")
     device, dtype = resolve_device(args.device, args.dtype)
     if args.method != "full":
         try:
@@ -333,12 +239,7 @@ def report(s):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, CheckpointError) as e:
-        log(f"error: {e}")
-        sys.exit(2)
+    run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -244,7 +244,10 @@ def read_config(ckpt: Path) -> ModelArgs:
 def weight_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"bad {index}: {e!r}") from None
         files = [ckpt / s for s in shards]
     else:
         files = [ckpt / "model.safetensors"]
@@ -262,9 +265,12 @@ def load_model(ckpt, device="cpu", dtype=torch.float32) -> Llama:
         model = Llama(args)
     state = {}
     for f in weight_files(ckpt):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                state[name.removeprefix("model.")] = sf.get_tensor(name).to(device=device, dtype=dtype)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    state[name.removeprefix("model.")] = sf.get_tensor(name).to(device=device, dtype=dtype)
+        except SafetensorError as e:  # truncated or not a safetensors file
+            raise CheckpointError(f"unreadable weight file {f}: {e}") from None
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {n for n, _ in model.named_parameters()}  # tied: the shared tensor is listed once
@@ -275,5 +281,38 @@ def load_model(ckpt, device="cpu", dtype=torch.float32) -> Llama:
     model.load_state_dict(state, assign=True, strict=False)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(args).to(device)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------ random weights, real shapes
+
+RANDOM_CONFIGS = {  # bench.py --random-weights NAME: real shapes, random values (no checkpoint needed)
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+
+def random_model(config, device, dtype, seed):
+    """A Llama at the config's real shape with random weights, built in place on the device."""
+    args = ModelArgs.from_config(config)
+    with torch.device("meta"):
+        model = Llama(args).to(dtype)
+    model = model.to_empty(device=device)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)  # norm weights
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.eval()

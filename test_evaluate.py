@@ -13,6 +13,9 @@ import torch
 import calidrop
 import evaluate
 import generate
+from common import kjv_text
+from evaluation import variants
+from evaluation.frontier import FRONTIER_QUICK, point_name
 from model import load_model
 
 ROOT = Path(__file__).parent
@@ -22,7 +25,7 @@ ROOT = Path(__file__).parent
 def small_text(tmp_path_factory):
     """A few hundred kilobytes of the KJV: enough for the tiny model's short segments and haystacks."""
     path = tmp_path_factory.mktemp("text") / "kjv.txt"
-    path.write_text(evaluate.kjv_text()[:400_000])
+    path.write_text(kjv_text()[:400_000])
     return path
 
 
@@ -55,20 +58,20 @@ def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
     L, n = 48, 12
     tokens = torch.randint(3, model.args.vocab_size, (2, L + n))
     args = evaluate.parse_args(["--window", "4", "--sink", "4"])
-    variants = ("evict", "calibrate", "recompute", "calidrop", "calidrop+int8-offload", "recompute-all")
+    names = ("evict", "calibrate", "recompute", "calidrop", "calidrop+int8-offload", "recompute-all")
     with torch.inference_mode():
-        _, full, recorder = evaluate.prefill_rows(model, tokens[:, :L], n, args.window, h2o=True)
-        rows, layout = evaluate.build_batch(args, [(method, 16, variants)], full, recorder, L, n)
-        batched = torch.stack(list(evaluate.feed(model, rows, tokens[:, L:].repeat(len(layout), 1), L)), 1)
+        _, full, recorder = variants.prefill_rows(model, tokens[:, :L], n, args.window, h2o=True)
+        rows, layout = variants.build_batch(args, [(method, 16, names)], full, recorder, L, n)
+        batched = torch.stack(list(variants.feed(model, rows, tokens[:, L:].repeat(len(layout), 1), L)), 1)
         for _, _, variant, cache, in_cache, in_batch in layout:
-            theta1, theta2 = evaluate.thresholds(variant, args)
+            theta1, theta2 = variants.thresholds(variant, args)
             config = calidrop.CaliDropConfig(method=method, budget=16, window=4, sink=4, theta1=theta1, theta2=theta2)
-            store = evaluate.make_store(evaluate.offload(variant), "cpu") or calidrop.OffloadStore("cpu")
+            store = variants.make_store(variants.offload(variant), "cpu") or calidrop.OffloadStore("cpu")
             _, alone = generate.prefill_and_compress(model, tokens[:, :L], config, n, store)
-            logp = torch.stack(list(evaluate.feed(model, alone, tokens[:, L:], L)), 1)
+            logp = torch.stack(list(variants.feed(model, alone, tokens[:, L:], L)), 1)
             torch.testing.assert_close(batched[in_batch], logp, atol=1e-4, rtol=0, msg=variant)
             assert torch.equal(cache.counts[:, in_cache], alone.counts), variant
-            stats, _ = evaluate.config_stats(cache, in_cache, variant, L + n)
+            stats, _ = variants.config_stats(cache, in_cache, variant, L + n)
             own = alone.stats(L + n)
             assert stats["kv_bytes_offloaded"] == own["kv_bytes_offloaded"] / 2, variant
             assert stats["reload_bytes_per_token"] == pytest.approx(own["reload_bytes_per_token"] / 2), variant
@@ -100,7 +103,7 @@ def check_quick_results(out, settings):
 
     ppl = results["ppl"]
     assert ppl["full"]["kl"]["mean"] == 0.0
-    for name in evaluate.QUANTIZED:  # 2-bit caches: lossy, and smaller than the full cache
+    for name in variants.QUANTIZED:  # 2-bit caches: lossy, and smaller than the full cache
         q = ppl["quantized"][name]
         assert q["kl"]["mean"] > 0 and q["kv_bytes_kept"] < ppl["full"]["kv_bytes_kept"]
         for task in ("passkey", "multikey", "needle"):
@@ -155,10 +158,10 @@ def test_frontier_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path):
     evaluate.main(["--task", "frontier", "--quick", "--ckpt", str(tiny_ckpt), "--text-file", str(small_text),
                    "--context", "192", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())["frontier"]
-    points = {evaluate.point_name(p): p for p in result["points"]}
+    points = {point_name(p): p for p in result["points"]}
     full = points["full"]
     assert full["kl"] == 0.0 and full["fast_bytes"] == result["full_kv_bytes"] and full["offloaded_bytes"] == 0
-    evict = [points[f"snapkv {b} evict"] for b in evaluate.FRONTIER_QUICK["evict_budgets"]]
+    evict = [points[f"snapkv {b} evict"] for b in FRONTIER_QUICK["evict_budgets"]]
     assert evict[0]["kl"] > 0
     assert all(a["fast_bytes"] < b["fast_bytes"] for a, b in zip(evict, evict[1:]))
     assert all(p["reload_bytes_per_token"] == 0 for p in evict + [points["snapkv 64 calibrate"]])

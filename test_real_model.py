@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import calidrop
-from evaluate import kjv_text
-from generate import TextCodec, prefill_and_compress, resolve_checkpoint
+from common import TextCodec, kjv_text, resolve_checkpoint
+from generate import prefill_and_compress
 import ott
 from model import FullCache, decode_one_token, load_model, prefill
 

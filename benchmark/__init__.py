@@ -1,0 +1,1 @@
+"""bench.py's rows and its transformers peer."""

@@ -1,0 +1,291 @@
+"""bench.py's rows: what each row is (the full cache, eviction, CaliDrop), the one prefill that every row of a
+prompt length starts from, the decode steps (eager or compiled once for every length), the timed decode,
+and the bytes a row's cache holds checked against its own counts."""
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import calidrop
+from common import UsageError, cache_stats, synchronize
+from model import FullCache, decode_one_token, prefill
+
+
+@dataclass
+class Variant:
+    name: str
+    config: calidrop.CaliDropConfig | None  # None: the full cache
+
+    @property
+    def recomputes(self):
+        return self.config is not None and self.config.recomputes
+
+
+def make_variants(args):
+    variants = [Variant("full", None)]
+    for method in args.methods:
+        base = dict(method=method, budget=args.budget, window=args.window, sink=args.sink)
+        variants += [
+            Variant(f"{method} evict", calidrop.CaliDropConfig(**base, calibration=False)),
+            Variant(f"{method} calidrop -1", calidrop.CaliDropConfig(**base, theta1=-1.0, theta2=args.theta2)),
+            Variant(f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
+                    calidrop.CaliDropConfig(**base, theta1=args.theta1, theta2=args.theta2)),
+        ]
+    for v in variants:
+        if v.config is not None:
+            try:
+                v.config.check()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+    return variants
+
+
+@dataclass
+class Shared:
+    """One prefill of one prompt length: what every row of that length starts from."""
+    length: int
+    tokens: torch.Tensor
+    full: FullCache          # L + new_tokens slots; the full rows decode in it
+    recorder: calidrop.PrefillRecorder
+    first: torch.Tensor      # (1, 1) the greedy token from the prompt's last logits
+    prefill_s: float
+    room: int                # slots for generated tokens in every cache built from this prefill
+    keys: list = field(default_factory=list)    # per layer (B, Hkv, L, D) views of the prompt's K/V
+    values: list = field(default_factory=list)
+
+
+def shared_prefill(model, ids, new_tokens, h2o, window, device, dtype):
+    tokens = torch.tensor([ids], device=device)
+    L = tokens.shape[1]
+    full = FullCache(model.args, 1, L + new_tokens, device, dtype)
+    recorder = calidrop.PrefillRecorder(full, window, h2o=h2o)
+    synchronize(device)
+    t0 = time.perf_counter()
+    first = prefill(model, tokens, recorder).argmax(-1, keepdim=True)
+    synchronize(device)
+    s = Shared(L, tokens, full, recorder, first, time.perf_counter() - t0, new_tokens)
+    s.keys = [k[:, :, :L] for k in full.k]
+    s.values = [v[:, :, :L] for v in full.v]
+    return s
+
+
+def cache_tensors(cache):
+    """Every tensor a cache holds (for the memory column and the byte-count check)."""
+    if isinstance(cache, FullCache):
+        return {"kv": [*cache.k, *cache.v], "offloaded": [], "calibration": [], "other": [cache.slots]}
+    store = cache.store
+    offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
+    return {"kv": [*cache.k, *cache.v], "offloaded": offloaded,
+            "calibration": [*cache.hist_q, *cache.hist_out, *cache.hist_lse],
+            "other": [*cache.slots, cache.counts, cache.reloads, cache.layer_reloads]}
+
+
+def nbytes(tensors):
+    return sum(t.nbytes for t in tensors)
+
+
+def filled_kv_bytes(cache):
+    """K/V bytes of the slots that really hold a token, counted from the tensors (a written key is never
+    all zeros; unwritten slots are)."""
+    filled = sum(int((k != 0).any(-1).sum()) for k in cache.k)  # per layer: batch, head, slot
+    k0 = cache.k[0]
+    return 2 * filled * k0.shape[-1] * k0.element_size()
+
+
+def check_bytes(cache, stats):
+    """The summary's byte counts against what the tensors hold; returns a list of mismatches."""
+    held = cache_tensors(cache)
+    problems = []
+    checks = [("kv_bytes_kept", filled_kv_bytes(cache)), ("kv_bytes_allocated", nbytes(held["kv"])),
+              ("calibration_bytes", nbytes(held["calibration"]))]
+    if held["offloaded"] or stats["kv_bytes_offloaded"] == 0:
+        checks.append(("kv_bytes_offloaded", nbytes(held["offloaded"])))
+    for key, actual in checks:
+        if stats[key] != actual:
+            problems.append(f"{key} {stats[key]} != {actual} held")
+    if isinstance(cache, calidrop.CaliDropCache) and not cache.config.recomputes and stats["kv_bytes_offloaded"]:
+        problems.append("evicted K/V kept although nothing can recompute")
+    return problems
+
+
+# -------------------------------------------------------------------------------------- compile
+
+class Steps:
+    """The decode-step callables: eager, and compiled ones created once and shared by the rows, so that
+    one graph serves every prompt length and both methods of a variant (on CPU a cold compile of the
+    30-layer step costs minutes: it must not be paid per row).
+
+    The full cache's slot dimension changes with the prompt length: it is marked dynamic, so it is
+    symbolic from the first compile. A compressed cache's buffers are budget-sized and its prompt length
+    enters the step as a tensor (calidrop.py's slot_offset), so its step compiles statically, once."""
+
+    def __init__(self, device):
+        self.device = device
+        self._compiled = {}
+        torch._dynamo.config.cache_size_limit = 256
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+
+    def get(self, mode, variant, cache):
+        if mode == "eager":
+            return decode_one_token
+        full, recomputes = variant.config is None, variant.recomputes
+        # CUDA graphs (reduce-overhead) need a step without host syncs: every row but the recompute ones.
+        cuda_graphs = self.device.type == "cuda" and not recomputes
+        key = (full, cuda_graphs, recomputes)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
+                                                fullgraph=not recomputes)
+        compiled = self._compiled[key]
+        if not full:
+            return compiled
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(cache.slots, 0)
+
+        def step(*args):
+            with torch._dynamo.config.patch(force_parameter_static_shapes=False):  # let the marks count
+                return compiled(*args)
+        return step
+
+    @staticmethod
+    def graphs():
+        from torch._dynamo.utils import counters
+        return counters["stats"]["unique_graphs"]
+
+
+def prepare_for_cuda_graphs(cache):
+    """Cache tensors are mutated in place every step: tell the compiler their addresses never change."""
+    held = cache_tensors(cache)
+    for t in (*held["kv"], *held["calibration"], *held["other"]):
+        torch._dynamo.mark_static_address(t)
+
+
+def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False):
+    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
+    and, per step, its time, whether something compiled in it, and the layers that reloaded."""
+    token = shared.first.clone()
+    pos = torch.tensor([shared.length], device=device)
+    tokens, times, compiled, reloads = [token], [], [], []
+    counts = cache.counts[..., 1].sum((1, 2)).cpu() if track_reloads else None
+    for _ in range(n_new - 1):
+        graphs = Steps.graphs()
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        synchronize(device)
+        t0 = time.perf_counter()
+        token = step(model, token, pos, cache).argmax(-1, keepdim=True)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        compiled.append(Steps.graphs() != graphs)
+        tokens.append(token)
+        pos += 1
+        if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
+            now = cache.counts[..., 1].sum((1, 2)).cpu()
+            reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
+            counts = now
+    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads
+
+
+def timing_summary(times, compiled, warmup):
+    """Steps after warm-up that compiled nothing; median and mean-based tokens/s."""
+    kept = [t for i, (t, c) in enumerate(zip(times, compiled)) if i >= warmup and not c]
+    if not kept:
+        return {"timed_steps": 0, "step_ms": None, "tokens_per_s": None}
+    return {"timed_steps": len(kept), "step_ms": 1e3 * statistics.median(kept),
+            "tokens_per_s": len(kept) / sum(kept), "excluded_compile_steps": sum(compiled[warmup:])}
+
+
+def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
+    """Build the row's cache from the shared prefill, decode, and measure."""
+    n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
+    recomputes = variant.recomputes
+    cuda_graphs = device.type == "cuda" and mode == "compile" and not recomputes
+    other_bytes = 0
+    if variant.config is None:
+        cache, compress_s = shared.full, 0.0
+        for buf in (*cache.k, *cache.v):  # a previous row's generated K/V: unwritten slots must read as empty
+            buf[:, :, shared.length:].zero_()
+    else:
+        synchronize(device)
+        t0 = time.perf_counter()
+        cache = calidrop.CaliDropCache.from_prefill(variant.config, shared.keys, shared.values, shared.recorder,
+                                                    shared.room)  # eager and compiled rows: the same shapes
+        synchronize(device)
+        compress_s = time.perf_counter() - t0
+    if cuda_graphs:
+        prepare_for_cuda_graphs(cache)
+    held = cache_tensors(cache)
+    held_bytes = sum(nbytes(v) for v in held.values())
+    if device.type == "cuda":
+        synchronize(device)
+        other_bytes = torch.cuda.memory_allocated(device) - wbytes - held_bytes
+        torch.cuda.reset_peak_memory_stats(device)
+
+    t0 = time.perf_counter()
+    tokens, times, compiled, reloads = decode(steps.get(mode, variant, cache), model, shared, cache, n_new, device,
+                                              args.warmup, recomputes, cuda_graphs)
+    decode_s = time.perf_counter() - t0
+    timing = timing_summary(times, compiled, args.warmup)
+    fed = n_new - 1  # the last sampled token is never fed
+    stats = cache_stats(cache, shared.length + fed)
+    peak = (torch.cuda.max_memory_allocated(device) - other_bytes if device.type == "cuda"
+            else wbytes + held_bytes)
+
+    kv_read = nbytes(held["kv"]) + nbytes(held["calibration"])  # whole buffers: masked slots are read too
+    row = {"length": shared.length, "row": variant.name, "mode": mode, "method": None, "variant": "full",
+           "new_tokens": n_new, "prefill_s": shared.prefill_s + compress_s, "compress_s": compress_s,
+           **timing, "first_step_s": times[0], "decode_wall_s": decode_s, "peak_memory_bytes": peak,
+           "weight_bytes": wbytes,
+           **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
+           "bytes_check": check_bytes(cache, stats), "tokens": tokens}
+    if variant.config is not None:
+        c = variant.config
+        row.update(method=c.method, budget=c.budget, theta1=c.theta1 if c.calibration else None,
+                   theta2=c.theta2 if c.calibration else None,
+                   variant="evict" if not c.calibration else "calibrate" if not c.recomputes else "calidrop")
+    reload_bytes = 0.0
+    if recomputes:
+        valid = [i for i, c in enumerate(compiled) if i >= args.warmup and not c]
+        steps_r = [i for i in valid if reloads[i]]
+        steps_p = [i for i in valid if not reloads[i]]
+        row["recompute_step_rate"] = len(steps_r) / max(len(valid), 1)
+        row["recompute_layer_rate"] = sum(len(reloads[i]) for i in valid) / max(len(valid), 1) / model.args.n_layers
+        row["recompute_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_r]) if steps_r else None
+        row["plain_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_p]) if steps_p else None
+        reload_bytes = cache.reloaded_bytes() / len(times)  # KV-head granular: what was really read
+        row["reload_bytes_per_token"] = reload_bytes
+    row["bytes_per_token"] = wbytes + kv_read + reload_bytes
+    if row["tokens_per_s"]:
+        row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
+        row["bound_fraction"] = row["gb_per_s"] / bw
+    if variant.config is not None:
+        del cache
+    return row
+
+
+
+def peer_row(peer, tokens, args, bw, kv_per_token):
+    """The transformers peer's row, measured as this project's rows are (kv_per_token: K/V bytes per token)."""
+    device = peer.device
+    if device.type == "cuda":
+        synchronize(device)
+        other_bytes = torch.cuda.memory_allocated(device) - peer.weight_bytes
+        torch.cuda.reset_peak_memory_stats(device)
+    new_tokens, prefill_s, steps, total, cache_bytes = peer.generate(tokens, args.new_tokens)
+    timing = timing_summary(steps, [False] * len(steps), args.warmup)
+    L = tokens.shape[1]
+    mean_ctx = L + (args.warmup + len(steps)) / 2  # attended tokens, averaged over the timed steps
+    row = {"length": L, "row": "transformers generate", "mode": "eager", "method": None, "variant": "peer",
+           "new_tokens": args.new_tokens, "prefill_s": prefill_s, "generate_s": total,
+           "decode_tokens_per_s_total_minus_prefill": len(steps) / (total - prefill_s),
+           **timing, "weight_bytes": peer.weight_bytes, "kv_bytes_kept": cache_bytes,
+           "kv_bytes_full": cache_bytes, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
+           "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - other_bytes
+                                 if device.type == "cuda" else peer.weight_bytes + cache_bytes),
+           "bytes_per_token": peer.weight_bytes + kv_per_token * mean_ctx,
+           "tokens": new_tokens, "transformers": peer.version}
+    if row["tokens_per_s"]:
+        row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
+        row["bound_fraction"] = row["gb_per_s"] / bw
+    return row

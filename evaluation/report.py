@@ -1,0 +1,241 @@
+"""The outputs: results.json, results.md (the tables) and a PNG per task; the settings that produced them."""
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from evaluation.frontier import HBM_BYTES_PER_S, LINK_BYTES_PER_S, family, point_name
+from evaluation.variants import QUANT_BITS, thresholds
+
+METRICS = {  # per task: (result section, metric, label) of each plot row and table column
+    "ppl": [("", "nll", "NLL"), ("", "kl", "KL(full || variant)")],
+    "passkey": [("aware", "accuracy", "accuracy, question-aware"), ("agnostic", "accuracy", "accuracy, query-agnostic")],
+    "multikey": [("aware", "accuracy", "accuracy, question-aware"), ("agnostic", "accuracy", "accuracy, query-agnostic")],
+    "needle": [("agnostic", "accuracy", "accuracy, query-agnostic")],
+    "attention": [("", "rel_error", "attention output relative error")],
+}
+
+
+def section(result, mode):
+    """The part of a task's result that holds 'full' and 'configs'."""
+    return result["modes"][mode] if mode else result
+
+
+def cell(value):
+    return f"{value['mean']:.3f} ± {value['se']:.3f}" if value["se"] else f"{value['mean']:.3f}"
+
+
+def write_table(results, settings, path):
+    lines = ["# CaliDrop evaluation", "", f"Model `{settings['model']}`, {settings['device']} {settings['dtype']}, "
+             f"seed {settings['seed']}, commit {settings['git_commit']}; "
+             f"theta1 {settings['args']['theta1']}, theta2 {settings['args']['theta2']}, "
+             f"window {settings['args']['window']}, sink {settings['args']['sink']}.", ""]
+    for task, result in results.items():
+        if task == "settings":
+            continue
+        lines += [f"## {task}", "", f"Run time {result['run_s']:.0f} s.", ""]
+        if task == "frontier":
+            lines += frontier_table(result)
+            continue
+        variants = settings["args"]["variants"]
+        for mode, metric, label in METRICS[task]:
+            part = section(result, mode)
+            lines += [f"### {label}", "", f"Full cache: {cell(part['full'][metric])}"
+                      + (f" (by length: {part['full']['accuracy_by_length']})" if metric == "accuracy" else "")
+                      + (f", {part['full']['kv_bytes_kept'] / 2**20:.1f} MB per sequence" if task != "attention" else ""),
+                      "",
+                      *[f"- {name.upper()} {QUANT_BITS}-bit full-length cache: {cell(q[metric])}, "
+                        f"{q['kv_bytes_kept'] / 2**20:.2f} MB per sequence" for name, q in part.get("quantized", {}).items()],
+                      "",
+                      "| method | budget | " + " | ".join(variants) + " |",
+                      "|---|---:|" + "---:|" * len(variants)]
+            by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
+            for m in settings["args"]["methods"]:
+                for b in settings["args"]["budgets"]:
+                    lines.append(f"| {m} | {b} | " + " | ".join(cell(by_config[m, b, v][metric]) for v in variants) + " |")
+            if metric == "accuracy":
+                lines += ["", "Smallest budget from which each variant retrieves everything the full cache "
+                          "retrieves (at that budget and every larger one):", ""]
+                for v in variants:
+                    lines.append(f"- {v}: " + ", ".join(
+                        f"{m} {first_retrieving(by_config, m, v, settings['args']['budgets'])}"
+                        for m in settings["args"]["methods"]))
+            lines.append("")
+        if task == "ppl":
+            lines += decision_table(result, variants, settings)
+        if task == "attention":
+            lines += cos_table(result)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def first_retrieving(by_config, method, variant, budgets):
+    ok = [by_config[method, b, variant]["retrieves_what_full_does"] for b in budgets]
+    for i, b in enumerate(budgets):
+        if all(ok[i:]):
+            return str(b)
+    return "never"
+
+
+def decision_table(result, variants, settings):
+    """Decision fractions (calibrate / recompute / none) and MB per sequence kept / offloaded / calibration."""
+    mb = 2 ** -20
+    lines = ["### decisions (calibrate / recompute / none) and MB per sequence (kept / offloaded / calibration)", "",
+             "| method | budget | " + " | ".join(variants) + " |", "|---|---:|" + "---|" * len(variants)]
+    by_config = {(c["method"], c["budget"], c["variant"]): c for c in result["configs"]}
+    for m in settings["args"]["methods"]:
+        for b in settings["args"]["budgets"]:
+            cells = []
+            for v in variants:
+                c = by_config[m, b, v]
+                d = c["decisions"]
+                cells.append(f"{d['calibrate']:.2f}/{d['recompute']:.2f}/{d['none']:.2f}; "
+                             f"{c['kv_bytes_kept'] * mb:.1f}/{c['kv_bytes_offloaded'] * mb:.1f}/"
+                             f"{c['calibration_bytes'] * mb:.2f}")
+            lines.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
+    f = result["full"]
+    return lines + ["", f"Full cache: {f['kv_bytes_kept'] * mb:.1f} MB per sequence.", ""]
+
+
+def cos_table(result):
+    lines = ["### cos(q_t, hist_q) per layer: median [p10, p90], share > theta2, share < theta1", "",
+             "| layer | post-RoPE | pre-RoPE |", "|---:|---|---|"]
+    for layer, (post, pre) in enumerate(zip(result["cos_by_layer"]["post_rope"], result["cos_by_layer"]["pre_rope"])):
+        lines.append(f"| {layer} | " + " | ".join(
+            f"{c['p50']:.2f} [{c['p10']:.2f}, {c['p90']:.2f}], {c['above_theta2']:.2f}, {c['below_theta1']:.2f}"
+            for c in (post, pre)) + " |")
+    return lines + [""]
+
+
+def frontier_table(result):
+    """The best point by KL within 5 %, 12.5 % and 25 % of the full cache's bytes, then every point."""
+    mb, full = 2 ** -20, result["full_kv_bytes"]
+    lines = ["### the best variant by KL within a fast-memory budget", "",
+             f"Full cache {full * mb:.1f} MB per sequence at {result['context']} + {result['new_tokens']} tokens; "
+             f"GPU tokens/s modelled for one H100 (HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s, host link "
+             f"{LINK_BYTES_PER_S / 1e9:.0f} GB/s), batch 1, the weights and bytes as measured here.", "",
+             "| fast memory | best variant | KL | fast MB | offloaded MB | reload MB/token | GPU tok/s (model) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for share in (0.05, 0.125, 0.25):
+        fits = [p for p in result["points"] if p["fast_bytes"] <= share * full]
+        if not fits:
+            lines.append(f"| {share:.1%} | none fits | | | | | |")
+            continue
+        p = min(fits, key=lambda p: p["kl"])
+        lines.append(f"| {share:.1%} ({share * full * mb:.1f} MB) | {point_name(p)} | {p['kl']:.3f} | "
+                     f"{p['fast_bytes'] * mb:.2f} | {p['offloaded_bytes'] * mb:.1f} | "
+                     f"{p['reload_bytes_per_token'] * mb:.2f} | {p['gpu_tokens_per_s']:.0f} |")
+    lines += ["", "### every point", "", "| variant | KL | NLL | fast MB | offloaded MB | reload MB/token | GPU tok/s (model) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted(result["points"], key=lambda p: p["fast_bytes"]):
+        lines.append(f"| {point_name(p)} | {p['kl']:.3f} ± {p['kl_se']:.3f} | {p['nll']:.3f} | "
+                     f"{p['fast_bytes'] * mb:.2f} | {p['offloaded_bytes'] * mb:.1f} | "
+                     f"{p['reload_bytes_per_token'] * mb:.2f} | {p['gpu_tokens_per_s']:.0f} |")
+    return lines + [""]
+
+
+def plot(task, result, settings, path):
+    """A panel per method (columns) and metric (rows): metric vs budget (log2), a line per variant, the
+    full cache as a horizontal reference; for attention, a last row with cos(q_t, hist_q) per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods, budgets = settings["args"]["methods"], settings["args"]["budgets"]
+    rows = METRICS[task]
+    n_rows = len(rows) + (task == "attention")
+    fig = plt.figure(figsize=(3.6 * len(methods), 3 * n_rows), layout="constrained")
+    grid = fig.add_gridspec(n_rows, len(methods))
+    for r, (mode, metric, label) in enumerate(rows):
+        part = section(result, mode)
+        for c, method in enumerate(methods):
+            ax = fig.add_subplot(grid[r, c])
+            for variant in settings["args"]["variants"]:
+                points = sorted((x["budget"], x[metric]) for x in part["configs"]
+                                if x["method"] == method and x["variant"] == variant)
+                ax.errorbar([b for b, _ in points], [v["mean"] for _, v in points],
+                            yerr=[v["se"] for _, v in points], marker="o", capsize=2, label=variant)
+            ax.axhline(part["full"][metric]["mean"], color="black", linestyle="--", label="full")
+            for (name, q), style in zip(part.get("quantized", {}).items(), (":", "-.")):
+                ax.axhline(q[metric]["mean"], color="gray", linestyle=style, label=f"{name} {QUANT_BITS}-bit")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.set_title(method if r == 0 else "")
+            ax.set_xlabel("budget")
+            ax.set_ylabel(label if c == 0 else "")
+        if r == 0:
+            ax.legend(fontsize="small")
+    if task == "attention":
+        ax = fig.add_subplot(grid[-1, :])
+        for name, color in (("post_rope", "C0"), ("pre_rope", "C1")):
+            cos = result["cos_by_layer"][name]
+            layers = range(len(cos))
+            ax.plot(layers, [c["p50"] for c in cos], color=color, label=f"{name} median")
+            ax.fill_between(layers, [c["p10"] for c in cos], [c["p90"] for c in cos], color=color, alpha=0.2)
+        ax.axhline(settings["args"]["theta1"], color="gray", linestyle=":")
+        ax.axhline(settings["args"]["theta2"], color="gray", linestyle=":")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cos(q_t, hist_q), p10-p90")
+        ax.legend(fontsize="small")
+    fig.suptitle(task)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(result, path):
+    """KL against fast bytes, against total bytes, and (CaliDrop points) against reload traffic."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
+    families = {}
+    for p in result["points"]:
+        families.setdefault(family(p), []).append(p)
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(families)}  # 14 lines: 10 colors repeat
+    mb = 2 ** -20
+    for ax, key, label in ((axes[0], "fast_bytes", "fast bytes per sequence (MB)"),
+                           (axes[1], "total_bytes", "fast + offloaded bytes per sequence (MB)")):
+        for name, ps in families.items():
+            ps = sorted(ps, key=lambda p: p[key])
+            style = "*" if name == "full" else "s--" if ps[0]["method"] is None else "o-"
+            ax.plot([p[key] * mb for p in ps], [p["kl"] for p in ps], style, color=colors[name], label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("KL(full || variant)")
+    axes[0].legend(fontsize="small", ncol=2)
+    markers = {}
+    for p in result["points"]:
+        if p["reload_bytes_per_token"] > 0:
+            marker = markers.setdefault(p["budget"], "o^sDv"[len(markers) % 5])
+            axes[2].scatter(p["reload_bytes_per_token"] * mb, p["kl"], color=colors[family(p)], marker=marker,
+                            label=point_name(p))
+    axes[2].set_xlabel("reload traffic (MB per token)")
+    axes[2].set_ylabel("KL(full || variant)")
+    axes[2].legend(fontsize="x-small")
+    fig.suptitle(f"frontier: {result['context']}-token contexts, {result['segments']} segments")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(results, out):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_table(results, results["settings"], out / "results.md")
+    for task in results:
+        if task == "frontier":
+            plot_frontier(results[task], out / "frontier.png")
+        elif task != "settings":
+            plot(task, results[task], results["settings"], out / f"{task}.png")
+
+
+def settings_record(args, ckpt, device, dtype):
+    """Everything that produced the numbers: the arguments, versions, commit, model, thresholds."""
+    def git(*cmd):
+        run = subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else None
+    return {"args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+            "seed": args.seed, "model": str(ckpt), "device": str(device), "dtype": str(dtype),
+            "thresholds": {v: thresholds(v, args) for v in args.variants},
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

@@ -1,0 +1,224 @@
+"""The variant grid: what each variant of a (method, budget) is (thresholds, offload format), and how
+one full-cache prefill serves all of them: selection and calibration once per (method, budget), the
+variants as rows of shared caches, several caches decoded as one batch; their byte counts and decisions."""
+import dataclasses
+import math
+import time
+
+import torch
+
+import calidrop
+import ott
+from common import log
+from model import FullCache, decode_one_token, prefill
+
+VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "calidrop+ott-offload", "recompute-all")
+QUANTIZED = {"kivi": 0, "ott": 3}  # full-length 2-bit caches (ott.py) and their outlier tokens per group
+QUANT_BITS = 2
+NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = NEVER always recomputes
+BATCH_KV_BYTES = 4 * 2**30  # prompt K/V bytes over the rows of one decode batch: bounds the copies
+
+
+def thresholds(variant, args):
+    """(theta1, theta2) of a variant; section 5's precedence makes these exact (see CALIDROP.md)."""
+    return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
+            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant.partition("+")[0]]
+
+
+def offload(variant):
+    """How a variant stores its evicted K/V: None (as computed), "int8" or "ott" (2-bit): "calidrop+ott-offload"
+    is CaliDrop with the OTT store."""
+    return variant.partition("+")[2].removesuffix("-offload") or None
+
+
+def make_store(kind, device):
+    return {None: None, "int8": lambda: ott.Int8Store(device),
+            "ott": lambda: ott.OTTStore(device, bits=QUANT_BITS)}[kind]() if kind else None
+
+
+# ------------------------------------------------------------------------- one prefill, every config
+
+def prefill_rows(model, tokens, extra, window, h2o):
+    """The one full-cache prefill that every config starts from: tokens (B, L) -> (last logits (B, V),
+    a FullCache with room for `extra` decode tokens, the merged PrefillRecorder). Row by row: on 2 CPU
+    cores 6 x 2,048 tokens (with H2O's sums) took 57 s that way and 74 s as one batch."""
+    B, L = tokens.shape
+    dev, dtype = tokens.device, model.embed_tokens.weight.dtype
+    full = FullCache(model.args, B, L + extra, dev, dtype)
+    merged = calidrop.PrefillRecorder(full, window, h2o)
+    logits = []
+    for b in range(B):
+        part = calidrop.PrefillRecorder(FullCache(model.args, 1, L, dev, dtype), window, h2o)
+        logits.append(prefill(model, tokens[b:b + 1], part))
+        for into, new in ((full.k, part.cache.k), (full.v, part.cache.v)):
+            for layer, x in enumerate(new):
+                into[layer][b:b + 1, :, :L] = x
+        for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
+            for layer, x in new.items():
+                into[layer] = torch.cat([into[layer], x]) if layer in into else x
+    return torch.cat(logits), full, merged
+
+
+class SharedRows:
+    """An offload store holding the evicted K/V of S sequences, read by a cache whose rows are n variants
+    of those sequences (variant-major): row r reads sequence r mod S. It counts its bytes n times, what
+    the variants would hold apart, so the cache's per-row byte counts are what one sequence costs."""
+
+    def __init__(self, store, S, n):
+        self.store, self.S, self.n = store, S, n
+
+    def get(self, layer, rows=None, kv_heads=None):
+        return self.store.get(layer, None if rows is None else rows % self.S, kv_heads)
+
+    def nbytes(self, layer=None):
+        return self.n * self.store.nbytes(layer)
+
+
+def compress(args, method, budget, variants, full, recorder, length, max_new):
+    """The variants of one (method, budget) from the prefill. Selection and calibration do not depend on
+    the thresholds, so they run once, on the S sequences; the variants are then rows of one cache per
+    offload format (rows = variants x sequences, variant-major; theta1 and theta2 per row), sharing one
+    copy of the evicted K/V. Returns [(cache, variant names)]."""
+    device = full.slots.device
+    theta1 = max(thresholds(v, args)[0] for v in variants)  # > -1: some variant recomputes, keep the evicted K/V
+    config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
+                                     theta1=theta1, theta2=args.theta2)
+    base = calidrop.CaliDropCache.from_prefill(config, [k[:, :, :length] for k in full.k],
+                                               [v[:, :, :length] for v in full.v], recorder, max_new,
+                                               calidrop.OffloadStore(device))
+    by_store = {}
+    for variant in variants:
+        by_store.setdefault(offload(variant), []).append(variant)
+    return [(as_rows(base, args, names, kind), names) for kind, names in by_store.items()]
+
+
+def as_rows(base, args, variants, kind):
+    """base's S sequences repeated once per variant (variant-major) with each variant's thresholds, its
+    evicted K/V in a store of format `kind` (None: base's own)."""
+    n, (S, Hq) = len(variants), base.counts.shape[1:3]
+    device = base.k[0].device
+    theta1, theta2 = (torch.tensor([thresholds(v, args)[i] for v in variants], device=device)
+                      .repeat_interleave(S)[:, None] for i in (0, 1))
+    store = base.store
+    if kind and base.recomputes:
+        store = make_store(kind, device)
+        for layer in range(len(base.k)):
+            store.put(layer, *base.store.get(layer))
+    repeat = lambda xs: [x.repeat(n, *(1,) * (x.dim() - 1)) for x in xs]
+    return calidrop.CaliDropCache(dataclasses.replace(base.config, theta1=theta1, theta2=theta2), base.prompt_len,
+                                  repeat(base.k), repeat(base.v), base.kept_len, repeat(base.hist_q),
+                                  repeat(base.hist_out), repeat(base.hist_lse), SharedRows(store, S, n), (n * S, Hq))
+
+
+def quantized_caches(model, full, length, bits=QUANT_BITS):
+    """The full-length quantized caches (KIVI, OTT) holding the prefill's K/V, quantized as ott.py's own
+    prefill would: the same prompt attention, so they start from the same logits."""
+    S, dtype = full.k[0].shape[0], full.k[0].dtype
+    caches = {}
+    for name, outliers in QUANTIZED.items():
+        cache = ott.QuantizedCache(model.args, S, bits=bits, outliers=outliers, device=full.slots.device,
+                                   dtype=dtype)
+        for layer, (k, v) in enumerate(zip(full.k, full.v)):
+            cache.store_prompt(layer, k[:, :, :length], v[:, :, :length])
+        caches[name] = cache
+    return caches
+
+
+def grid(args):
+    """The (method, budget, variants) groups of the command line's grid."""
+    return [(m, b, args.variants) for b in args.budgets for m in args.methods]
+
+
+def batches(groups, n_rows, length, bytes_per_token):
+    """(method, budget, variants) groups packed into decode batches under BATCH_KV_BYTES of prompt K/V."""
+    out, batch, used = [], [], 0
+    for group in groups:
+        size = len(group[2]) * n_rows * length * bytes_per_token
+        if batch and used + size > BATCH_KV_BYTES:
+            out, batch, used = out + [batch], [], 0
+        batch, used = batch + [group], used + size
+    return out + [batch] if batch else out
+
+
+class Rows:
+    """Several caches as one batch, each owning consecutive rows: the model's weights are read once per
+    decode step for all of them."""
+
+    def __init__(self, caches):
+        self.caches = caches
+        self.sizes = [c.counts.shape[1] for c in caches]
+
+    def attend(self, layer, q, k, v, pos):
+        parts = zip(self.caches, q.split(self.sizes), k.split(self.sizes), v.split(self.sizes))
+        return torch.cat([c.attend(layer, *qkv, pos) for c, *qkv in parts])
+
+
+def build_batch(args, groups, full, recorder, length, max_new):
+    """A batch's caches and, per config, where its rows are: [(method, budget, variant, cache, rows in
+    the cache, rows in the batch)]."""
+    S = full.k[0].shape[0]
+    layout, caches, offset = [], [], 0
+    for method, budget, variants in groups:
+        for cache, names in compress(args, method, budget, variants, full, recorder, length, max_new):
+            for i, variant in enumerate(names):
+                layout.append((method, budget, variant, cache, slice(i * S, (i + 1) * S),
+                               slice(offset + i * S, offset + (i + 1) * S)))
+            caches.append(cache)
+            offset += len(names) * S
+    return Rows(caches), layout
+
+
+BYTES = ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "calibration_bytes", "kv_bytes_allocated")
+
+
+def per_sequence(stats, batch):
+    return {key: stats[key] / batch for key in BYTES}
+
+
+def config_stats(cache, rows, variant, n_tokens):
+    """Per-sequence bytes of a variant's cache (and what its rows read back from the offload store per
+    decode step) and its decision counts (calibrate, recompute, none).
+    A variant shares its cache with the others of its (method, budget): alone, evict would hold no
+    calibration state and a variant that never recomputes would not keep the evicted K/V."""
+    out = per_sequence(cache.stats(n_tokens), cache.counts.shape[1])
+    if variant == "evict":
+        out["calibration_bytes"] = 0
+    if cache.config.theta1[rows.start].item() <= -1:
+        out["kv_bytes_offloaded"] = 0
+    n_rows, steps = rows.stop - rows.start, n_tokens - cache.prompt_len
+    for key, whole in (("reload_bytes_per_token", False), ("reload_bytes_per_token_whole_layers", True)):
+        out[key] = cache.reloaded_bytes(rows, whole) / n_rows / max(steps, 1)  # per sequence
+    return out, cache.counts[:, rows].sum(dim=(0, 1, 2)).double()
+
+
+def fractions(counts):
+    return dict(zip(("calibrate", "recompute", "none"), (counts / counts.sum().clamp(min=1)).tolist()))
+
+
+# ------------------------------------------------------------------------ what every task uses
+
+def feed(model, cache, inputs, start):
+    """Decode inputs (B, M) one token at a time from position start; yields the log-probs (B, V) after each."""
+    for t in range(inputs.shape[1]):
+        pos = torch.tensor([start + t], device=inputs.device)
+        yield decode_one_token(model, inputs[:, t:t + 1], pos, cache).log_softmax(-1)
+
+
+def mean_se(x):
+    """Mean and standard error of a 1-D sample."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    se = x.std().item() / math.sqrt(len(x)) if len(x) > 1 else 0.0
+    return {"mean": x.mean().item(), "se": se}
+
+
+class Progress:
+    """'what i/N, elapsed, ETA' on stderr."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.t0 = what, total, 0, time.perf_counter()
+
+    def step(self, detail):
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        log(f"{self.what} {self.done}/{self.total} {detail}: elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
