@@ -74,3 +74,12 @@ def inference_mode():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def truncated_ckpt(tmp_path_factory):
+    """The tiny checkpoint with its model.safetensors cut in half, as an interrupted copy leaves it."""
+    path = write_checkpoint(tmp_path_factory.mktemp("truncated"))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    return path

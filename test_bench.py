@@ -1,6 +1,8 @@
-"""bench.py on the tiny model (eager rows, no peer): the byte counts it reports equal what the tensors hold,
-a compressed cache stays budget-sized whatever the prompt length, and the full row's greedy tokens equal
-greedy decoding by full forward passes."""
+"""bench.py on the tiny model (eager rows, no peer): the byte counts it reports equal what the tensors hold
+and what the shapes give, a compressed cache stays budget-sized whatever the prompt length, the timings
+are consistent with each other, and the full row's greedy tokens equal greedy decoding by full forward
+passes."""
+import pytest
 import torch
 
 import bench
@@ -16,14 +18,28 @@ def test_bench_rows_on_the_tiny_model(tiny_ckpt, tmp_path):
     names = ["full"] + [f"{m} {v}" for m in ("snapkv", "streamingllm") for v in ("evict", "calidrop -1", "calidrop 0.7/0.85")]
     assert set(rows) == {(L, n) for L in (48, 80) for n in names}
     for r in out["rows"]:
-        assert r["bytes_check"] == [], r["row"]  # kept, allocated, calibration, offloaded: as held
-        assert r["tokens_per_s"] > 0 and r["timed_steps"] == 6 - 1 - 1
-    for name in names[1:]:  # budget-sized: the same bytes at both prompt lengths
-        assert rows[48, name]["kv_bytes_kept"] == rows[80, name]["kv_bytes_kept"], name
-    assert rows[80, "full"]["kv_bytes_kept"] > rows[48, "full"]["kv_bytes_kept"]
-    for m in ("snapkv", "streamingllm"):  # only a row that can recompute keeps the evicted K/V
-        assert rows[80, f"{m} calidrop -1"]["kv_bytes_offloaded"] == 0 == rows[80, f"{m} evict"]["kv_bytes_offloaded"]
-        assert rows[80, f"{m} calidrop 0.7/0.85"]["kv_bytes_offloaded"] > 0
+        # the timed steps (all but the first, a warm-up, and the last token, never fed) within the decode's
+        # wall time, after the first step; their median within their total
+        assert r["timed_steps"] == 6 - 1 - 1, r["row"]
+        timed_s = r["timed_steps"] / r["tokens_per_s"]
+        assert r["step_ms"] / 1e3 <= timed_s and r["first_step_s"] + timed_s <= r["decode_wall_s"], r["row"]
+        assert r["bytes_check"] == [], r["row"]  # kept slots and the tensors' storages agree with the counts
+
+    # bytes per sequence counted from the shapes: 2 layers x 2 KV heads x K and V x head_dim 16 x fp32
+    per_token, fed, room = 2 * 2 * 2 * 16 * 4, 6 - 1, 6
+    calibration = 2 * 4 * (2 * 16 + 1) * 4  # per layer: hist_q, hist_out (4 query heads x 16), hist_lse (4)
+    for L in (48, 80):
+        full = rows[L, "full"]
+        assert full["kv_bytes_kept"] == (L + fed) * per_token and full["kv_bytes_allocated"] == (L + room) * per_token
+        for m in ("snapkv", "streamingllm"):
+            evict, calibrate, calidrop = (rows[L, f"{m} {v}"] for v in ("evict", "calidrop -1", "calidrop 0.7/0.85"))
+            for r in (evict, calibrate, calidrop):  # budget-sized whatever the prompt length
+                assert r["kv_bytes_kept"] == (16 + fed) * per_token and r["kv_bytes_full"] == (L + fed) * per_token
+                assert r["kv_bytes_allocated"] == (16 + room) * per_token
+            assert evict["calibration_bytes"] == 0 and calibrate["calibration_bytes"] == calidrop["calibration_bytes"] == calibration
+            # only a row that can recompute keeps the evicted K/V
+            assert evict["kv_bytes_offloaded"] == calibrate["kv_bytes_offloaded"] == 0
+            assert calidrop["kv_bytes_offloaded"] == (L - 16) * per_token
 
     model = load_model(tiny_ckpt)  # the full row's tokens, by a full forward pass per new token
     ids = torch.randint(0, model.args.vocab_size, (80,), generator=torch.Generator().manual_seed(0))
@@ -33,3 +49,23 @@ def test_bench_rows_on_the_tiny_model(tiny_ckpt, tmp_path):
             logits = model(tokens, torch.arange(tokens.shape[1]), FullCache(model.args, 1, tokens.shape[1]))
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
     assert rows[80, "full"]["tokens"] == tokens[0, 80:].tolist()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "0"], "--budget must be >= 1"),
+    (["--window", "0"], "--window must be >= 1"),
+    (["--window", "-4"], "--window must be >= 1"),
+    (["--sink", "-1"], "--sink must be >= 0"),
+    (["--theta1", "0.9", "--theta2", "0.5"], "--theta1 < --theta2"),
+    (["--new-tokens", "1"], "--new-tokens and --compile-new-tokens must be >= 2"),
+    (["--ckpt", "{truncated}"], "unreadable weight file"),
+])
+def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ckpt, tmp_path, capsys):
+    flags = [f.format(truncated=truncated_ckpt) for f in flags]
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--ckpt", str(tiny_ckpt), "--prompt", "random", "--lengths", "48", "--budget", "16",
+                    "--window", "4", "--sink", "4", "--no-compile", "--no-peer", "--json", str(tmp_path / "b.json"),
+                    *flags])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err

@@ -88,18 +88,30 @@ BAD_INPUTS = {
     "budget within window": (["--ckpt", "{ckpt}", "--prompt", "hi", "--budget", "32"], "--budget > --window"),
     "budget within sinks": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "streamingllm", "--budget", "16",
                              "--sink", "16"], "--budget > --sink"),
+    "no observation window": (["--ckpt", "{ckpt}", "--prompt", "hi", "--window", "0"], "--window must be >= 1"),
+    "negative window": (["--ckpt", "{ckpt}", "--prompt", "hi", "--window", "-4"], "--window must be >= 1"),
+    "negative sinks": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "streamingllm", "--sink", "-1"],
+                       "--sink must be >= 0"),
+    "no budget": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "h2o", "--budget", "0"], "--budget must be >= 1"),
+    "thresholds crossed": (["--ckpt", "{ckpt}", "--prompt", "hi", "--theta1", "0.9", "--theta2", "0.5"],
+                           "--theta1 < --theta2"),
+    "no new tokens": (["--ckpt", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be"),
+    "negative calibration size": (["--ckpt", "{ckpt}", "--prompt", "hi", "--calibration-size", "-1"],
+                                  "--calibration-size must be"),
+    "top-k below 1": (["--ckpt", "{ckpt}", "--prompt", "hi", "--top-k", "-2", "--temperature", "1"], "--top-k must be"),
+    "truncated weights": (["--ckpt", "{truncated}", "--prompt", "hi", "--method", "full"], "unreadable weight file"),
 }
 if not torch.cuda.is_available():
     BAD_INPUTS["cuda without cuda"] = (["--ckpt", "{ckpt}", "--prompt", "hi", "--device", "cuda"], "CUDA")
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, tmp_path):
+def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, truncated_ckpt, tmp_path):
     no_tok = write_checkpoint(tmp_path / "no_tok")
     (no_tok / "tokenizer.json").unlink()
     gpt2 = write_checkpoint(tmp_path / "gpt2", dict(TINY, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
     args, message = BAD_INPUTS[case]
-    args = [a.format(tmp=tmp_path, ckpt=tiny_ckpt, no_tok=no_tok, gpt2=gpt2) for a in args]
+    args = [a.format(tmp=tmp_path, ckpt=tiny_ckpt, no_tok=no_tok, gpt2=gpt2, truncated=truncated_ckpt) for a in args]
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr

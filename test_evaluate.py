@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import calidrop
 import evaluate
 import generate
-from common import kjv_text
+from common import TextCodec, kjv_text, kv_bytes_per_token
 from evaluation import variants
 from evaluation.frontier import FRONTIER_QUICK, point_name
-from model import load_model
+from evaluation.data import segments
+from evaluation.ppl import Continuation
+from model import FullCache, load_model, read_config
 
 ROOT = Path(__file__).parent
 
@@ -39,13 +42,28 @@ def small_text(tmp_path_factory):
     (["--segments", "0"], "--segments must be"),
     (["--text-file", "/nonexistent/text.txt"], "text file not found"),
     (["--lengths", "4096"], "do not fit the model's context"),  # the tiny model's is 512
+    (["--window", "0"], "--window must be >= 1"),
+    (["--window", "-4"], "--window must be >= 1"),
+    (["--sink", "-1"], "--sink must be >= 0"),
+    (["--methods", "h2o", "--budgets", "0"], "--budget must be >= 1"),
+    (["--theta1", "0.9", "--theta2", "0.5"], "--theta1 < --theta2"),
+    (["--new-tokens", "0"], "--new-tokens must be"),
+    (["--ckpt", "{truncated}", "--lengths", "300", "--context", "192"], "unreadable weight file"),
 ])
-def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, capsys):
+def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ckpt, capsys):
+    flags = [f.format(truncated=truncated_ckpt) for f in flags]
     with pytest.raises(SystemExit) as exit:
         evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), *flags])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and message in err
+
+
+@pytest.mark.parametrize("theta1, theta2", [(2.0, 0.5), (-3.0, 0.5), (0.7, 2.0), (-1.0, -1.0)])
+def test_threshold_extremes_are_valid(theta1, theta2):
+    """The extremes by which a user checks exactness: recompute every step (theta1 > 1, whatever theta2),
+    never recompute (theta1 <= -1), never calibrate (theta2 > 1): the same rule as generate.py's."""
+    evaluate.check_args(evaluate.parse_args(["--theta1", str(theta1), "--theta2", str(theta2)]))
 
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o"])
@@ -79,6 +97,34 @@ def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
                 assert stats["calibration_bytes"] == own["calibration_bytes"] / 2, variant
 
 
+def test_ppl_reference_and_kl_against_independent_computations(tiny_ckpt, small_text):
+    """The ppl task's reference is the full model's next-token distribution (one forward pass over each
+    segment), its NLL is that of the true next tokens, and a variant's KL is KL(P_full || P_variant) as
+    torch's kl_div computes it (the order matters: KL is not symmetric)."""
+    model, codec = load_model(tiny_ckpt), TextCodec(tiny_ckpt)
+    args = evaluate.parse_args(["--ckpt", str(tiny_ckpt), "--text-file", str(small_text), "--segments", "2",
+                                "--context", "64", "--new-tokens", "8"])
+    evaluate.check_args(args)
+    C, M = 64, 8
+    with torch.inference_mode():
+        data = Continuation(model, codec, args, torch.device("cpu"), h2o=False)
+        tokens = torch.tensor(segments(codec, small_text.read_text(), 2, C + M + 1))
+        logits = model(tokens[:, :C + M], torch.arange(C + M), FullCache(model.args, 2, C + M))
+    reference = logits[:, C:].log_softmax(-1)  # after token C + t: the distribution of token C + t + 1
+    torch.testing.assert_close(data.reference, reference, atol=1e-4, rtol=0)
+    nll = -reference.gather(-1, tokens[:, C + 1:, None])[..., 0].mean(1)  # per segment
+    assert data.full_result["nll"]["mean"] == pytest.approx(nll.mean().item(), abs=1e-5)
+    assert data.full_result["kl"]["mean"] == 0.0  # the full cache against itself
+
+    other = (reference + torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))).log_softmax(-1)
+    kl = F.kl_div(other, reference, log_target=True, reduction="none").sum(-1).mean(1)  # KL(P_ref || P_other)
+    reverse = F.kl_div(reference, other, log_target=True, reduction="none").sum(-1).mean(1)
+    metrics = data.metrics(other)
+    assert metrics["kl"]["mean"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert metrics["kl"]["se"] == pytest.approx(kl.std().item() / math.sqrt(2), rel=1e-4)
+    assert abs(kl.mean() - reverse.mean()) > 0.01  # so the order is checked
+
+
 def check_quick_results(out, settings):
     """Everything --quick promises: every task and config present, the tables and plots written, and the
     numbers that are exact by construction."""
@@ -96,13 +142,20 @@ def check_quick_results(out, settings):
             assert set(configs) == grid and len(part["configs"]) == len(grid), task
             for c in part["configs"]:
                 assert math.isclose(sum(c["decisions"].values()), 1.0), (task, c)
-                assert c["kv_bytes_kept"] > 0 and c["decode_s"] >= 0
                 if task not in ("ppl", "attention"):
                     assert 0 <= c["accuracy"]["mean"] <= 1
                     assert len(c["correct"]) == len(part["full"]["correct"])
+        # a batch's decode time is shared out among its configs: together they took less than the task
+        assert 0 < sum(c["decode_s"] for part in parts for c in part["configs"]) < results[task]["run_s"], task
 
     ppl = results["ppl"]
-    assert ppl["full"]["kl"]["mean"] == 0.0
+    # bytes counted from the shapes: every kept slot of every layer holds one token's K and V
+    model_args = read_config(Path(results["settings"]["model"]))
+    per_token = kv_bytes_per_token(model_args, getattr(torch, results["settings"]["dtype"].removeprefix("torch.")))
+    C, M = ppl["context"], ppl["new_tokens"]
+    assert ppl["full"]["kv_bytes_kept"] == ppl["full"]["kv_bytes_full"] == (C + M) * per_token
+    for c in ppl["configs"]:  # pyramidkv's per-layer budgets sum to the same
+        assert c["kv_bytes_kept"] == (c["budget"] + M) * per_token and c["kv_bytes_full"] == (C + M) * per_token
     for name in variants.QUANTIZED:  # 2-bit caches: lossy, and smaller than the full cache
         q = ppl["quantized"][name]
         assert q["kl"]["mean"] > 0 and q["kv_bytes_kept"] < ppl["full"]["kv_bytes_kept"]
@@ -152,24 +205,33 @@ def test_quick_on_the_default_model(tmp_path):
 
 
 def test_frontier_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path):
-    """Issue 9's checks: the full point has KL 0 and the full cache's bytes; eviction at 64 loses something;
-    eviction's fast bytes grow with the budget; a 2-bit offload is smaller than the plain one and reloads
-    are counted only where something recomputes."""
+    """The frontier's bytes against counts from the shapes (fast: kept slots, plus the calibration state for
+    CaliDrop; offloaded: the evicted tokens' K/V, smaller in int8 and smaller again in 2 bits, none in fast
+    memory); eviction at 64 loses something; reloads only where something recomputes; and the modelled GPU
+    speed falls as fast bytes grow and, at equal fast bytes, as reload traffic grows."""
     evaluate.main(["--task", "frontier", "--quick", "--ckpt", str(tiny_ckpt), "--text-file", str(small_text),
                    "--context", "192", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())["frontier"]
     points = {point_name(p): p for p in result["points"]}
+    args = read_config(tiny_ckpt)
+    per_token = kv_bytes_per_token(args, torch.float32)
+    calibration = args.n_layers * args.n_heads * (2 * args.head_dim + 1) * 4  # hist_q, hist_out, hist_lse
+    C, M = result["context"], result["new_tokens"]
     full = points["full"]
-    assert full["kl"] == 0.0 and full["fast_bytes"] == result["full_kv_bytes"] and full["offloaded_bytes"] == 0
+    assert full["fast_bytes"] == result["full_kv_bytes"] == (C + M) * per_token and full["offloaded_bytes"] == 0
     evict = [points[f"snapkv {b} evict"] for b in FRONTIER_QUICK["evict_budgets"]]
+    assert [p["fast_bytes"] for p in evict] == [(b + M) * per_token for b in FRONTIER_QUICK["evict_budgets"]]
     assert evict[0]["kl"] > 0
-    assert all(a["fast_bytes"] < b["fast_bytes"] for a, b in zip(evict, evict[1:]))
+    assert all(a["gpu_tokens_per_s"] > b["gpu_tokens_per_s"] for a, b in zip(evict, evict[1:]))
     assert all(p["reload_bytes_per_token"] == 0 for p in evict + [points["snapkv 64 calibrate"]])
     plain, int8, two_bit = (points[f"snapkv 64 calidrop{o}"] for o in ("", "+int8-offload", "+ott-offload"))
+    assert plain["fast_bytes"] == int8["fast_bytes"] == two_bit["fast_bytes"] == (64 + M) * per_token + calibration
+    assert plain["offloaded_bytes"] == (C - 64) * per_token
     assert two_bit["offloaded_bytes"] < int8["offloaded_bytes"] < plain["offloaded_bytes"]
-    assert plain["fast_bytes"] == int8["fast_bytes"] == two_bit["fast_bytes"]  # the offload is not fast memory
+    assert 0 < two_bit["reload_bytes_per_token"] < int8["reload_bytes_per_token"] < plain["reload_bytes_per_token"]
+    assert two_bit["gpu_tokens_per_s"] > int8["gpu_tokens_per_s"] > plain["gpu_tokens_per_s"]
     for p in result["points"]:
         assert {"variant", "method", "budget", "fast_bytes", "offloaded_bytes", "reload_bytes_per_token",
-                "kl", "kl_se", "nll", "nll_se"} <= set(p) and p["gpu_tokens_per_s"] > 0
+                "kl", "kl_se", "nll", "nll_se", "gpu_tokens_per_s"} <= set(p)
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best variant by KL" in (tmp_path / "results.md").read_text()
