@@ -49,6 +49,7 @@ def small_text(tmp_path_factory):
     (["--theta1", "0.9", "--theta2", "0.5"], "--theta1 < --theta2"),
     (["--new-tokens", "0"], "--new-tokens must be"),
     (["--ckpt", "{truncated}", "--lengths", "300", "--context", "192"], "unreadable weight file"),
+    (["--task", "passkey", "--lengths", "40", "--context", "192"], "cannot hold"),
 ])
 def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ckpt, capsys):
     flags = [f.format(truncated=truncated_ckpt) for f in flags]

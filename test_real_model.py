@@ -111,7 +111,7 @@ def test_calibration_brings_snapkv_at_64_closer_to_the_full_cache(smol):
 
 
 def test_ott_is_closer_to_the_full_cache_than_kivi_at_2_bits(smol):
-    """The ott.py issue's claim on the default model: outlier tokens (3 per group and KV head, in full
+    """OTT's claim (ott.py) on the default model: outlier tokens (3 per group and KV head, in full
     precision, kept out of the scales) lower the 2-bit cache's KL to the full cache. 1,024 KJV tokens
     of context (896 quantized at prefill) and 48 teacher-forced ones (one more quantization event)."""
     model, codec = smol

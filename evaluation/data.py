@@ -63,7 +63,10 @@ def build_prompt(codec, length, haystack, template, needles, depths, key):
     tail = encode(codec, "\n\n" + template["question"].format(key=key) + end_text
                   + template["answer"].format(key=key))
     pieces = [encode(codec, template["needle"].format(key=k, value=v)) for k, v in needles]
-    hay = haystack(length - len(head) - len(tail) - sum(map(len, pieces)))
+    text = len(head) + len(tail) + sum(map(len, pieces))
+    if text > length:
+        raise UsageError(f"a {length}-token prompt cannot hold its {text} tokens of instructions, question and needles")
+    hay = haystack(length - text)
     ends = [i + 1 for i, t in enumerate(hay) if codec.tokenizer.id_to_token(t).endswith(".")]
     cuts = [next((e for e in ends if e >= d * len(hay)), len(hay)) for d in depths]
     context, last = list(head), 0
