@@ -89,8 +89,10 @@ def parse_args(argv=None):
     g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
     g.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
     g.add_argument("--no-calibration", action="store_true", help="plain eviction, no CaliDrop")
-    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1; > 1: at every step, <= -1: never")
-    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
+    g.add_argument("--theta1", type=float, default=0.7,
+                   help="recompute when cos(q, hist_q) < theta1; > 1: at every step, <= -1: never")
+    g.add_argument("--theta2", type=float, default=0.85,
+                   help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
     g.add_argument("--calibration-size", type=int, default=None,

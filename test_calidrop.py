@@ -691,4 +691,5 @@ def test_config_check_accepts_edges():
     # the extremes: recompute every step whatever theta2, never recompute, never calibrate
     for theta1, theta2 in ((2.0, -1.0), (1.5, 0.5), (-1.0, -1.0), (-3.0, 0.5), (0.7, 2.0), (-1.0, 2.0)):
         calidrop.CaliDropConfig(theta1=theta1, theta2=theta2).check()
-    calidrop.CaliDropConfig(theta1=torch.tensor([[-1.0], [0.7], [2.0]]), theta2=torch.tensor([[0.85], [2.0], [2.0]])).check()
+    per_sequence = torch.tensor([[-1.0], [0.7], [2.0]]), torch.tensor([[0.85], [2.0], [2.0]])  # evaluate.py's rows
+    calidrop.CaliDropConfig(theta1=per_sequence[0], theta2=per_sequence[1]).check()

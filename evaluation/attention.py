@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from common import kv_bytes_per_token
 from evaluation.data import load_text, segments
-from evaluation.variants import Progress, batches, build_batch, config_stats, feed, fractions, grid, mean_se, prefill_rows
+from evaluation.variants import (Progress, batches, build_batch, config_stats, feed, fractions, grid, mean_se,
+                                 prefill_rows)
 from model import apply_rope
 
 ATTENTION_SEGMENTS, ATTENTION_STEPS = 4, 32  # the per-layer distributions pool segments x steps x heads
