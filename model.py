@@ -6,7 +6,9 @@ compressing cache (calidrop.py) is a drop-in replacement that this file never im
 
 Loads Hugging Face checkpoint directories (LlamaForCausalLM, MistralForCausalLM) as they are:
 config.json, model.safetensors or a sharded model.safetensors.index.json, HF weight names and the HF
-rotate-half RoPE layout.
+rotate-half RoPE layout. RoPE is the default or Llama-3.1's `llama3` scaling, read from either config
+layout (transformers 4's `rope_theta` / `rope_scaling`, transformers 5's `rope_parameters`); any other
+RoPE type is a CheckpointError.
 """
 import json
 import math
@@ -46,12 +48,7 @@ class ModelArgs:
         if not any(a in ARCHITECTURES for a in archs) and config.get("model_type") not in ("llama", "mistral"):
             raise CheckpointError(f"not a Llama-family decoder: architectures={archs}, "
                                   f"model_type={config.get('model_type')!r} (supported: {', '.join(ARCHITECTURES)})")
-        scaling = config.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "default"):
-                raise CheckpointError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
-            scaling = scaling if kind == "llama3" else None
+        rope_theta, rope_scaling = rope_settings(config)
         n_heads = config["num_attention_heads"]
         return cls(
             dim=config["hidden_size"],
@@ -61,12 +58,28 @@ class ModelArgs:
             head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
-            rope_theta=config.get("rope_theta", 10000.0),
-            rope_scaling=scaling,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             norm_eps=config.get("rms_norm_eps", 1e-5),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             max_position_embeddings=config.get("max_position_embeddings", 2048),
         )
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(theta, the llama3 scaling or None) from either layout: transformers 5 writes `rope_parameters`
+    {"rope_theta", "rope_type", ...}, transformers 4 a top-level `rope_theta` and `rope_scaling` (which,
+    as in transformers, wins when both are present). Other RoPE types are refused rather than run wrong."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError("unsupported RoPE settings: one per layer type")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":  # transformers' default for the pre-scaling context
+        return theta, {"original_max_position_embeddings": config.get("max_position_embeddings", 2048), **rope}
+    raise CheckpointError(f"unsupported RoPE type {kind!r} (supported: default, llama3)")
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
