@@ -109,6 +109,38 @@ def test_checkpoints_saved_by_transformers_give_its_logits(tmp_path, variant, la
         torch.testing.assert_close(full_forward(ours, tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
+def tiny_qwen2(**overrides):
+    return transformers.Qwen2Config(**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=260,
+                                           max_position_embeddings=512, rope_theta=50000.0) | overrides)
+
+
+@pytest.mark.parametrize("heads", ["mha_tied", "gqa_untied"])
+def test_qwen2_saved_by_transformers_gives_its_logits(tmp_path, heads):
+    config = tiny_qwen2(num_key_value_heads=4, tie_word_embeddings=True) if heads == "mha_tied" else tiny_qwen2()
+    theirs = hf_checkpoint(tmp_path, transformers.Qwen2ForCausalLM, config)
+    tokens = torch.randint(0, 260, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = load_model(tmp_path)
+        assert ours.layers[0].self_attn.q_proj.bias.abs().min() > 0  # the random biases, loaded
+        torch.testing.assert_close(full_forward(ours, tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_caps_the_context(tmp_path):
+    """Qwen2 with use_sliding_window slides from layer max_window_layers on: identical to full attention
+    up to the window, different past it, so the window is the context model.py offers."""
+    theirs = hf_checkpoint(tmp_path, transformers.Qwen2ForCausalLM,
+                           tiny_qwen2(use_sliding_window=True, sliding_window=48, max_window_layers=1))
+    tokens = torch.randint(0, 260, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = load_model(tmp_path)
+        assert ours.args.max_position_embeddings == 48
+        torch.testing.assert_close(full_forward(ours, tokens[:, :48]), theirs(tokens[:, :48]).logits,
+                                   atol=1e-4, rtol=1e-4)
+        beyond = (full_forward(ours, tokens) - theirs(tokens).logits)[:, 48:].abs().max()
+    assert beyond > 1e-2
+
+
 def test_unknown_rope_type_is_one_line_error(tmp_path):
     config = dict(TINY, rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0})
     with pytest.raises(CheckpointError, match="unsupported RoPE type 'yarn'") as error:
