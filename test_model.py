@@ -126,11 +126,20 @@ def test_qwen2_saved_by_transformers_gives_its_logits(tmp_path, heads):
         torch.testing.assert_close(full_forward(ours, tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_caps_the_context(tmp_path):
-    """Qwen2 with use_sliding_window slides from layer max_window_layers on: identical to full attention
-    up to the window, different past it, so the window is the context model.py offers."""
-    theirs = hf_checkpoint(tmp_path, transformers.Qwen2ForCausalLM,
-                           tiny_qwen2(use_sliding_window=True, sliding_window=48, max_window_layers=1))
+SLIDING = {
+    "qwen2": lambda: (transformers.Qwen2ForCausalLM,
+                      tiny_qwen2(use_sliding_window=True, sliding_window=48, max_window_layers=1)),
+    "mistral": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=260, max_position_embeddings=512, rope_theta=50000.0, sliding_window=48)),
+}
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_caps_the_context(tmp_path, family):
+    """Mistral's window, and Qwen2's with use_sliding_window (from layer max_window_layers on): identical
+    to full attention up to the window, different past it, so the window is the context model.py offers."""
+    theirs = hf_checkpoint(tmp_path, *SLIDING[family]())
     tokens = torch.randint(0, 260, (1, 96), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours = load_model(tmp_path)
