@@ -7,6 +7,7 @@ from the GGUF's vocab and merges, and writes config.json, model.safetensors, tok
 tokenizer_config.json into the model cache, published in one rename.
 """
 
+import argparse
 import json
 import os
 import re
@@ -238,3 +239,15 @@ def prepare(out_dir, fetch_gguf, convert, log=print_to_stderr, force=False):
         raise
     log(f"wrote {out_dir} in {time.monotonic() - started:.0f} s")
     return out_dir
+
+
+def main(doc, default_dir, prepare):
+    """A prepare script's command line: [--out DIR] [--force]; prints the checkpoint directory."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default_dir, metavar="DIR", help=f"checkpoint directory (default: {default_dir})")
+    parser.add_argument("--force", action="store_true", help="reconvert even if DIR already holds a checkpoint")
+    args = parser.parse_args()
+    try:
+        print(prepare(args.out, force=args.force))
+    except RuntimeError as e:  # a failed download or an unexpected GGUF: one line, not a traceback
+        sys.exit(f"error: {e}")

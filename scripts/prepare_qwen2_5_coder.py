@@ -9,10 +9,8 @@ untied output matrix, RoPE theta 1e6, a 32,768-token context, ChatML.
     python -m scripts.prepare_qwen2_5_coder [--out DIR] [--force]
 """
 
-import argparse
 import hashlib
 import zipfile
-from pathlib import Path
 
 from tokenizers import Regex, normalizers, pre_tokenizers
 
@@ -68,13 +66,5 @@ def prepare(out_dir=DEFAULT_DIR, log=gguf_to_hf.print_to_stderr, force=False):
     return gguf_to_hf.prepare(out_dir, fetch_gguf, convert, log, force)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, metavar="DIR", help=f"checkpoint directory (default: {DEFAULT_DIR})")
-    parser.add_argument("--force", action="store_true", help="reconvert even if DIR already holds a checkpoint")
-    args = parser.parse_args()
-    print(prepare(args.out, force=args.force))
-
-
 if __name__ == "__main__":
-    main()
+    gguf_to_hf.main(__doc__, DEFAULT_DIR, prepare)
