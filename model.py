@@ -4,9 +4,12 @@ Every attention layer computes q, k, v (after RoPE) and hands them to `cache.att
 which stores k and v and returns the attention output. `FullCache` below is the plain cache; a
 compressing cache (calidrop.py) is a drop-in replacement that this file never imports.
 
-Loads Hugging Face checkpoint directories (LlamaForCausalLM, MistralForCausalLM) as they are:
-config.json, model.safetensors or a sharded model.safetensors.index.json, HF weight names and the HF
-rotate-half RoPE layout.
+Loads Hugging Face checkpoint directories as they are: LlamaForCausalLM, MistralForCausalLM and
+Qwen2ForCausalLM (Llama plus q/k/v biases), from config.json, model.safetensors or a sharded
+model.safetensors.index.json, HF weight names and the HF rotate-half RoPE layout. RoPE is the default or
+Llama-3.1's `llama3` scaling, read from either config layout (transformers 4's `rope_theta` /
+`rope_scaling`, transformers 5's `rope_parameters`); any other RoPE type is a CheckpointError. A sliding
+attention window (Mistral, Qwen2's `use_sliding_window`) caps the context at the window's length.
 """
 import json
 import math
@@ -18,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# architecture -> model_type; Qwen2 is Llama with biases on the q, k and v projections
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
 class CheckpointError(ValueError):
@@ -39,19 +43,21 @@ class ModelArgs:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
+    qkv_bias: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         archs = config.get("architectures") or []
-        if not any(a in ARCHITECTURES for a in archs) and config.get("model_type") not in ("llama", "mistral"):
+        family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), config.get("model_type"))
+        if family not in ARCHITECTURES.values():
             raise CheckpointError(f"not a Llama-family decoder: architectures={archs}, "
                                   f"model_type={config.get('model_type')!r} (supported: {', '.join(ARCHITECTURES)})")
-        scaling = config.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "default"):
-                raise CheckpointError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
-            scaling = scaling if kind == "llama3" else None
+        rope_theta, rope_scaling = rope_settings(config)
+        # Sliding-window attention (Mistral's, 4096 when unset; Qwen2's only with use_sliding_window) is
+        # full attention on sequences no longer than the window, so the context ends there.
+        context = config.get("max_position_embeddings", 2048)
+        if family == "mistral" or (family == "qwen2" and config.get("use_sliding_window", False)):
+            context = min(context, config.get("sliding_window", 4096) or context)
         n_heads = config["num_attention_heads"]
         return cls(
             dim=config["hidden_size"],
@@ -61,12 +67,29 @@ class ModelArgs:
             head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
-            rope_theta=config.get("rope_theta", 10000.0),
-            rope_scaling=scaling,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             norm_eps=config.get("rms_norm_eps", 1e-5),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            max_position_embeddings=context,
+            qkv_bias=family == "qwen2",
         )
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(theta, the llama3 scaling or None) from either layout: transformers 5 writes `rope_parameters`
+    {"rope_theta", "rope_type", ...}, transformers 4 a top-level `rope_theta` and `rope_scaling` (which,
+    as in transformers, wins when both are present). Other RoPE types are refused rather than run wrong."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError("unsupported RoPE settings: one per layer type")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":  # transformers' default for the pre-scaling context
+        return theta, {"original_max_position_embeddings": config.get("max_position_embeddings", 2048), **rope}
+    raise CheckpointError(f"unsupported RoPE type {kind!r} (supported: default, llama3)")
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -113,9 +136,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, pos, cache):

@@ -63,6 +63,100 @@ def test_logits_match_transformers(tmp_path, variant):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def hf_checkpoint(path, model_class, config, layout="new", **save_options):
+    """A random model built and saved by transformers itself; returns the model that wrote it. Weights at
+    std 0.1 and random biases: at transformers' init (std 0.02, zero biases) attention is near uniform and
+    neither RoPE nor biases would change the logits enough for a test to see."""
+    torch.manual_seed(0)
+    config.initializer_range = 0.1
+    model = model_class(config).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(str(path), **save_options)
+    if layout == "old":  # transformers 5 writes only the new layout: rewrite it as transformers 4 wrote it
+        written = json.loads((path / "config.json").read_text())
+        rope = written.pop("rope_parameters")
+        written["rope_theta"] = rope.pop("rope_theta")
+        written["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+        (path / "config.json").write_text(json.dumps(written))
+    return model
+
+
+LLAMA_SAVES = {
+    "mha_untied": dict(num_key_value_heads=4),
+    "gqa_llama3": dict(num_key_value_heads=2, rope_parameters=dict(LLAMA3_SCALING, rope_theta=50000.0)),
+    "gqa_tied_sharded": dict(num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+@pytest.mark.parametrize("variant", LLAMA_SAVES)
+def test_checkpoints_saved_by_transformers_give_its_logits(tmp_path, variant, layout):
+    """transformers 5 writes RoPE as `rope_parameters` {rope_theta, rope_type, ...}, transformers 4 as
+    top-level `rope_theta` and `rope_scaling`; theta 50,000 is not the 10,000 a loader falls back to."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, vocab_size=260, max_position_embeddings=512,
+                                      rope_theta=50000.0, **LLAMA_SAVES[variant])
+    shards = dict(max_shard_size="100KB") if "sharded" in variant else {}
+    theirs = hf_checkpoint(tmp_path, transformers.LlamaForCausalLM, config, layout, **shards)
+    if shards:
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    tokens = torch.randint(0, 260, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = load_model(tmp_path)
+        assert ours.args.rope_theta == 50000.0
+        torch.testing.assert_close(full_forward(ours, tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def tiny_qwen2(**overrides):
+    return transformers.Qwen2Config(**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=260,
+                                           max_position_embeddings=512, rope_theta=50000.0) | overrides)
+
+
+@pytest.mark.parametrize("heads", ["mha_tied", "gqa_untied"])
+def test_qwen2_saved_by_transformers_gives_its_logits(tmp_path, heads):
+    config = tiny_qwen2(num_key_value_heads=4, tie_word_embeddings=True) if heads == "mha_tied" else tiny_qwen2()
+    theirs = hf_checkpoint(tmp_path, transformers.Qwen2ForCausalLM, config)
+    tokens = torch.randint(0, 260, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = load_model(tmp_path)
+        assert ours.layers[0].self_attn.q_proj.bias.abs().min() > 0  # the random biases, loaded
+        torch.testing.assert_close(full_forward(ours, tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+SLIDING = {
+    "qwen2": lambda: (transformers.Qwen2ForCausalLM,
+                      tiny_qwen2(use_sliding_window=True, sliding_window=48, max_window_layers=1)),
+    "mistral": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=260, max_position_embeddings=512, rope_theta=50000.0, sliding_window=48)),
+}
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_caps_the_context(tmp_path, family):
+    """Mistral's window, and Qwen2's with use_sliding_window (from layer max_window_layers on): identical
+    to full attention up to the window, different past it, so the window is the context model.py offers."""
+    theirs = hf_checkpoint(tmp_path, *SLIDING[family]())
+    tokens = torch.randint(0, 260, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = load_model(tmp_path)
+        assert ours.args.max_position_embeddings == 48
+        torch.testing.assert_close(full_forward(ours, tokens[:, :48]), theirs(tokens[:, :48]).logits,
+                                   atol=1e-4, rtol=1e-4)
+        beyond = (full_forward(ours, tokens) - theirs(tokens).logits)[:, 48:].abs().max()
+    assert beyond > 1e-2
+
+
+def test_unknown_rope_type_is_one_line_error(tmp_path):
+    config = dict(TINY, rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0})
+    with pytest.raises(CheckpointError, match="unsupported RoPE type 'yarn'") as error:
+        load_model(write_checkpoint(tmp_path, config))
+    assert "\n" not in str(error.value)
+
+
 def shard(path):
     """Split model.safetensors into two shards with an index, as large HF checkpoints come."""
     from safetensors.torch import load_file
