@@ -7,7 +7,7 @@ import torch
 from gguf import GGUFReader, GGUFWriter
 from tokenizers import pre_tokenizers
 
-from generate import TextCodec
+from common import TextCodec
 from model import FullCache, load_model
 from scripts import prepare_qwen2_5_coder
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from evaluate import kjv_text
-from generate import TextCodec
+from common import kjv_text
+from common import TextCodec
 from model import FullCache, decode_one_token, load_model, prefill
 from scripts import gguf_to_hf, models
 
