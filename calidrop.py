@@ -1,15 +1,20 @@
 """CaliDrop: KV-cache eviction plus calibration of the evicted tokens (Su et al., arXiv 2507.19906).
 
 One file, torch only, to read top to bottom or copy into another project. It follows the method:
-  1. attention as an (out, lse) pair and the exact merge of two such pairs       (spec section 3)
-  2. eviction scores for StreamingLLM, H2O, SnapKV, PyramidKV and one selection  (section 6)
-  3. the calibration state of the evicted set under a historical query           (section 4)
-  4. decoding: attend the kept cache, then calibrate, recompute or do nothing    (section 5)
-     A recompute reads back only the KV heads that have a recomputing query head (the spec reloads the
-     whole layer); `reloads` counts what was read.
+  1. attention as an (out, lse) pair and the exact merge of two such pairs        (spec section 3)
+  2. eviction scores for StreamingLLM, H2O, SnapKV, PyramidKV and one selection   (section 6)
+  3. the prefill: what scoring needs, and the calibration state of the evicted set (section 4)
+  4. the evicted set in pages: a recompute reads only the pages its query needs
+  5. decoding: attend the kept cache, then calibrate, recompute or do nothing     (section 5)
+  6. accounting: decisions, bytes held, bytes read back
 The cache plugs into a model through one call, `cache.attend(layer, q, k, v, pos)`, with post-RoPE
-q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill: the full K/V plus what
-`PrefillRecorder` saw (the last `window` queries of each layer and, for H2O, the attention each key got).
+q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (model.py's names):
+
+    full = FullCache(model.args, batch, prompt_len)                   # the plain cache
+    recorder = calidrop.PrefillRecorder(full, window=32, h2o=False)   # records what scoring needs
+    logits = prefill(model, tokens, recorder)                         # full causal attention
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
+    logits = decode_one_token(model, token, pos, cache)               # then one token at a time
 """
 import functools
 import math
@@ -26,9 +31,10 @@ METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv")
 def attention_with_lse(q, k, v, visible=None):
     """One query per head over a set of keys.
 
-    q (B, Hq, D); k, v (B, Hkv, S, D); visible (S,) bool or None.
-    Returns out (B, Hq, D) in v's dtype and lse (B, Hq) in float32 (or float64), the log of the softmax denominator.
-    An empty set (S = 0) gives out 0 and lse -inf, the identity of `merge`.
+    q (B, Hq, D); k, v (B, Hkv, S, D); visible None or bool broadcastable to (B, Hkv, Hq // Hkv, S).
+    Returns out (B, Hq, D) in v's dtype and lse (B, Hq) in float32 (or float64), the log of the softmax
+    denominator. A head that sees no key (S = 0, or all masked) gets out 0 and lse -inf, the identity of
+    `merge`.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -38,7 +44,8 @@ def attention_with_lse(q, k, v, visible=None):
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = scores.logsumexp(-1)
-    out = torch.exp(scores - lse[..., None]).to(v.dtype) @ v
+    weights = torch.exp(scores - lse.masked_fill(lse.isneginf(), 0)[..., None])  # all -inf: weights 0
+    out = weights.to(v.dtype) @ v
     return out.view(B, Hq, D), lse.view(B, Hq)
 
 
@@ -54,10 +61,8 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 def accumulate(q, k, v, chunk=1024):
-    """(out, lse) of q over all of k, v, merged chunk by chunk: memory O(chunk), not O(S).
-
-    k, v may live on another device (offloaded to the host): each chunk is moved to q's device."""
-    pieces = (attention_with_lse(q, k[:, :, s:s + chunk].to(q.device), v[:, :, s:s + chunk].to(q.device))
+    """(out, lse) of q over all of k, v, merged chunk by chunk: memory O(chunk), not O(S)."""
+    pieces = (attention_with_lse(q, k[:, :, s:s + chunk], v[:, :, s:s + chunk])
               for s in range(0, max(k.shape[2], 1), chunk))
     return functools.reduce(lambda a, b: merge(*a, *b), pieces)
 
@@ -119,6 +124,18 @@ def score_snapkv(window_q, k, pool_kernel=5):
     return torch.cat([votes, torch.full((B, Hkv, W), float("inf"), device=k.device)], dim=-1)
 
 
+# Every method's scores of one layer's prompt keys k (B, Hkv, L, D) -> (B, Hkv, L), from the config and
+# what the PrefillRecorder kept for that layer. PyramidKV scores as SnapKV; only its budgets differ.
+SCORERS = {
+    "streamingllm": lambda config, k, recorded: score_streamingllm(k.shape[2], config.sink, k.device)
+    .expand(k.shape[:3]),
+    "h2o": lambda config, k, recorded: score_h2o(recorded.column_sums, k.shape[1], recent=config.budget // 2),
+    "snapkv": lambda config, k, recorded: score_snapkv(recorded.window_q[:, :, -config.window:], k,
+                                                       config.pool_kernel),
+}
+SCORERS["pyramidkv"] = SCORERS["snapkv"]
+
+
 def pyramid_budgets(budget, n_layers, window, beta=20):
     """PyramidKV: per-layer budgets decreasing linearly with depth, summing to budget x n_layers.
 
@@ -152,24 +169,29 @@ def gather_tokens(x, idx):
     return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
-# ------------------------------------------------------------------------------------ the prefill side
+# ------------------------------------------------------------------------------------ 3. the prefill
+
+@dataclass
+class Recorded:
+    """What one layer's prefill leaves for scoring and calibration."""
+    window_q: torch.Tensor                    # (B, Hq, W, D): the last W prompt queries; the last is hist_q
+    column_sums: torch.Tensor | None = None   # (B, Hq, L): H2O's attention received by each key
+
 
 class PrefillRecorder:
-    """Wraps the full cache during a one-shot prefill and records what scoring and calibration need:
-    the last `window` queries of each layer (SnapKV's observation window; the last one is hist_q) and,
-    with h2o=True, the attention each key received from all prompt queries."""
+    """Wraps the full cache during a one-shot prefill and records, per layer, what scoring and calibration
+    need: the last `window` queries (SnapKV's observation window; the last one is hist_q) and, with
+    h2o=True, the attention each key received from all prompt queries."""
 
     def __init__(self, cache, window=32, h2o=False):
         self.cache, self.window, self.h2o = cache, window, h2o
-        self.window_q, self.column_sums = {}, {}
+        self.layers = {}  # layer -> Recorded
 
     def attend(self, layer, q, k, v, pos):
         out = self.cache.attend(layer, q, k, v, pos)
-        # contiguous: a plain clone would keep q's strides, which depend on the prompt length (and a
-        # compiled decode step guards on the strides of hist_q, a view of this)
-        self.window_q[layer] = q[:, :, -self.window:].clone(memory_format=torch.contiguous_format)
-        if self.h2o:
-            self.column_sums[layer] = h2o_column_sums(q, k)
+        # contiguous: a plain clone would keep q's strides, which depend on the prompt length
+        window_q = q[:, :, -self.window:].clone(memory_format=torch.contiguous_format)
+        self.layers[layer] = Recorded(window_q, h2o_column_sums(q, k) if self.h2o else None)
         return out
 
 
@@ -179,12 +201,15 @@ class CaliDropConfig:
     budget: int = 256             # prompt tokens kept per (layer, KV head), sinks and window included
     window: int = 32              # SnapKV's observation window
     sink: int = 32                # StreamingLLM's attention sinks
-    # theta1, theta2: floats, or (B, 1) tensors, one per sequence (they broadcast against rho (B, Hq))
     theta1: float = 0.7           # rho < theta1: recompute (<= -1: never, and the evicted K/V are freed)
     theta2: float = 0.85          # rho > theta2: calibrate
     calibration: bool = True      # False: plain eviction
     calibration_size: int | None = None  # evicted tokens offloaded and calibrated with (None: all)
     pool_kernel: int = 5
+    page_size: int = 16           # evicted tokens per page: the unit a recompute reads
+    reload_pages: int | None = None     # pages a recompute reads per KV head (None: all, the exact rule)
+    reload_capacity: int | None = None  # KV heads per (layer, sequence) that may recompute in one step
+                                        # (None: all, the paper's rule); the others wait for a later step
 
     def check(self):
         if self.method not in METHODS:
@@ -211,159 +236,292 @@ class CaliDropConfig:
         if ((theta1 > -1) & (theta1 <= 1) & (theta1 >= theta2)).any():
             raise ValueError("need --theta1 < --theta2, unless --theta1 > 1 (recompute at every step) "
                              "or <= -1 (never recompute)")
+        if self.page_size < 1 or (self.reload_pages is not None and self.reload_pages < 1):
+            raise ValueError("--page-size and --reload-pages must be >= 1")
+        if self.reload_capacity is not None and self.reload_capacity < 1:
+            raise ValueError("--reload-capacity must be >= 1")
 
     @property
     def recomputes(self):
-        """Whether any sequence may recompute: only then are the evicted K/V kept."""
+        """Whether any sequence may recompute: only then are the evicted K/V kept. (theta1 and theta2 may
+        be (B, 1) tensors, one per sequence: evaluate.py decodes the variants of a config as rows.)"""
         return self.calibration and bool(torch.as_tensor(self.theta1).max() > -1)
 
 
-def layer_scores(config, layer, k, recorder):
-    """(B, Hkv, L) eviction scores of one layer's prompt keys k (B, Hkv, L, D)."""
-    B, Hkv, L, _ = k.shape
-    if config.method == "streamingllm":
-        return score_streamingllm(L, config.sink, k.device).expand(B, Hkv, L)
-    if config.method == "h2o":
-        return score_h2o(recorder.column_sums[layer], Hkv, recent=config.budget // 2)
-    return score_snapkv(recorder.window_q[layer][:, :, -config.window:], k, config.pool_kernel)
-
+# --------------------------------------------------------------------------------- 4. evicted pages
 
 class OffloadStore:
     """Holds each layer's evicted K/V off the fast path: host memory when the model runs on a GPU, pinned,
     so that a reload copies at the host link's speed (measured on an H100: 47-54 GB/s pinned, 6-7 pageable).
 
-    Any object with put / get / nbytes can replace it (generate.py passes a quantized one)."""
+    Tokens are kept in position order per (sequence, KV head); a read takes any tokens of any pairs. Any
+    object with put / read / get / nbytes can replace it (ott.py has quantized ones)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.k, self.v = {}, {}
-        self.home = None  # the device put's tensors came from: get returns there
 
     def put(self, layer, k, v):
-        self.home = k.device
+        """k, v (B, Hkv, E, D): one layer's evicted tokens."""
         pin = self.device.type == "cpu" and k.device.type == "cuda"
-        self.k[layer], self.v[layer] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x) if pin
-                                        else x.to(self.device) for x in (k, v))
+        self.k[layer], self.v[layer] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x)
+                                        for x in (k, v))
 
-    def get(self, layer, rows=None, kv_heads=None):
-        """The evicted K/V of the (sequence, KV head) pairs rows[i], kv_heads[i]: (n, E, D) each on the
-        device they came from, and only those are read; without pairs, all of them as held: (B, Hkv, E, D)."""
-        if rows is None:
-            return self.k[layer], self.v[layer]
-        if self.home.type == self.device.type:
-            return self.k[layer][rows, kv_heads], self.v[layer][rows, kv_heads]
-        # from pinned host memory: each pair's (E, D) slab is contiguous, one direct copy each
-        pairs = list(zip(rows.tolist(), kv_heads.tolist()))
-        return tuple(torch.stack([x[layer][b, h].to(self.home, non_blocking=True) for b, h in pairs])
-                     for x in (self.k, self.v))
+    def read(self, layer, rows, kv_heads, tokens):
+        """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]) -> k, v (n, S, D) on rows' device;
+        only those tokens are read."""
+        return tuple(read_tokens(x[layer], rows, kv_heads, tokens) for x in (self.k, self.v))
+
+    def get(self, layer):
+        """Every evicted token of the layer: k, v (B, Hkv, E, D)."""
+        return self.k[layer], self.v[layer]
 
     def nbytes(self, layer=None):
         layers = self.k if layer is None else [layer]
         return sum(self.k[i].nbytes + self.v[i].nbytes for i in layers)
 
 
-class CaliDropCache:
-    """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens),
-    the calibration state (hist_q, hist_out, hist_lse) and the evicted K/V in an offload store."""
+def read_tokens(x, rows, kv_heads, tokens):
+    """x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D), on rows' device: one gather."""
+    B, Hkv, E, D = x.shape
+    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).to(x.device)  # (n, S) rows of x viewed (-1, D)
+    return x.reshape(-1, D).index_select(0, flat.flatten()).view(*tokens.shape, D).to(rows.device)
 
-    def __init__(self, config, prompt_len, k, v, kept_len, hist_q, hist_out, hist_lse, store, batch_heads):
-        self.config, self.prompt_len = config, prompt_len
-        self.k, self.v, self.kept_len = k, v, kept_len  # per layer: (B, Hkv, kept + new, D); int
-        self.hist_q, self.hist_out, self.hist_lse = hist_q, hist_out, hist_lse  # per layer: (B, Hq, D)x2, (B, Hq)
-        self.store = store
+
+def pack(codes, bits):
+    """codes (..., n) uint8 in [0, 2^bits) -> (..., ceil(n * bits / 8)) uint8: 8 // bits codes a byte,
+    the first in the lowest bits. bits 1 packs masks."""
+    per = 8 // bits
+    grouped = F.pad(codes, (0, -codes.shape[-1] % per)).unflatten(-1, (-1, per))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(-1, dtype=torch.uint8)  # the bit fields do not overlap: sum = or
+
+
+def unpack(packed, bits, n):
+    """The inverse of pack: (..., m) uint8 -> the first n codes (..., n) uint8."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]
+
+
+def rotate(x, positions, inv_freq, inverse=False):
+    """RoPE, the rotate-half layout (Llama's in Hugging Face): x (..., E, D) at positions (..., E); with
+    inverse, the rotation back to pre-RoPE vectors (RoPE is orthogonal)."""
+    angles = positions.float()[..., None] * inv_freq  # (..., E, D/2)
+    cos, sin = angles.cos(), angles.sin() * (-1 if inverse else 1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@dataclass
+class KeySketch:
+    """What ranks one layer's evicted pages, kept in fast memory (ShadowKV's observation: keys before
+    RoPE are low-rank): per (sequence, KV head), the pre-RoPE evicted keys projected on their top `rank`
+    principal directions, the coordinates in 4 bits. A key is approximated as RoPE(coords @ basis) at its
+    position."""
+    coords: torch.Tensor     # (B, Hkv, E, rank // 2) uint8: 4-bit symmetric codes, two a byte
+    scale: torch.Tensor      # (B, Hkv, 1, rank): one per coordinate, code 8 + c / scale in [1, 15]
+    basis: torch.Tensor      # (B, Hkv, rank, D): orthonormal rows
+    positions: torch.Tensor  # (B, Hkv, E): each evicted token's position, int16 (int32 past 32k)
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in (self.coords, self.scale, self.basis, self.positions))
+
+
+def sketch_keys(k, positions, inv_freq, rank=16):
+    """KeySketch of the evicted keys k (B, Hkv, E, D) (post-RoPE) at positions (B, Hkv, E)."""
+    pre = rotate(k, positions, inv_freq, inverse=True).double()
+    _, vectors = torch.linalg.eigh(pre.transpose(-1, -2) @ pre)  # ascending eigenvalues of the Gram matrix
+    basis = vectors.flip(-1)[..., :rank].transpose(-1, -2)  # (B, Hkv, r, D): the top principal directions
+    coords = (pre @ basis.transpose(-1, -2)).float()  # (B, Hkv, E, r)
+    scale = coords.abs().amax(-2, keepdim=True).clamp(min=1e-30) / 7
+    codes = (coords / scale).round().clamp(-7, 7).to(torch.uint8) + 8
+    wide = positions.max() >= 2**15
+    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32 if wide else torch.int16))
+
+
+def sketched_keys(sketch, rows, kv_heads, inv_freq):
+    """The approximate post-RoPE evicted keys of the pairs (rows[i], kv_heads[i]): (n, E, D) float32."""
+    scale, basis = sketch.scale[rows, kv_heads], sketch.basis[rows, kv_heads]  # (n, 1, r), (n, r, D)
+    coords = (unpack(sketch.coords[rows, kv_heads], 4, scale.shape[-1]).float() - 8) * scale  # (n, E, r)
+    return rotate(coords @ basis, sketch.positions[rows, kv_heads], inv_freq)
+
+
+def all_pages(q_grouped, evicted_len):
+    """A dense recompute: every evicted token. -> tokens (n, E), visible (n, E)."""
+    tokens = torch.arange(evicted_len, device=q_grouped.device).expand(q_grouped.shape[0], -1)
+    return tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+
+def top_pages(q_grouped, keys, lse_kept, heads, n_pages, page_size, evicted_len):
+    """The n_pages pages of page_size evicted tokens that hold the most estimated attention, per pair.
+
+    q_grouped (n, G, D): the query heads of each pair's KV head; keys (n, E', D): approximate evicted keys;
+    lse_kept (n, G): each head's lse over the kept cache; heads (n, G): the heads that recompute. A page's
+    weight for a head is its estimated share of the head's whole attention (kept + evicted), summed over
+    the recomputing heads. -> tokens (n, n_pages x page_size) in position order, visible (same shape):
+    False on the last page's empty slots."""
+    n, G, D = q_grouped.shape
+    P = -(-evicted_len // page_size)
+    logits = (q_grouped @ keys[:, :evicted_len].transpose(-1, -2)).float() / math.sqrt(D)  # (n, G, E)
+    logits = F.pad(logits, (0, P * page_size - evicted_len), value=float("-inf"))
+    page_lse = logits.unflatten(-1, (P, page_size)).logsumexp(-1)  # (n, G, P)
+    total = torch.logaddexp(lse_kept, page_lse.logsumexp(-1))  # (n, G)
+    weight = (torch.exp(page_lse - total[..., None]) * heads[..., None]).sum(1)  # (n, P)
+    pages = weight.topk(min(n_pages, P), dim=-1).indices.sort(-1).values  # (n, N)
+    tokens = (pages[..., None] * page_size + torch.arange(page_size, device=pages.device)).flatten(1)
+    visible = tokens < evicted_len
+    return tokens.clamp(max=evicted_len - 1), visible
+
+
+# -------------------------------------------------------------------------------------- 5. decoding
+
+@dataclass
+class Layer:
+    """One layer of the compressed cache."""
+    k: torch.Tensor            # (B, Hkv, kept + new, D): the kept prompt tokens, then the generated ones
+    v: torch.Tensor
+    kept_len: int              # prompt tokens kept per KV head
+    slot_offset: torch.Tensor  # (1,): position pos goes to slot pos + slot_offset (a tensor, so that a
+                               # compiled step does not depend on the prompt length)
+    slots: torch.Tensor        # (kept + new,) slot numbers, to mask the slots not yet written
+    evicted_len: int           # evicted tokens per (sequence, KV head) in the store
+    hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
+    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set
+    hist_lse: torch.Tensor | None = None  # (B, Hq) float32: lse_E(hist_q)
+    sketch: KeySketch | None = None         # what ranks the evicted pages (None: a recompute reads them all)
+
+
+class CaliDropCache:
+    """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens) and
+    the calibration state (Layer); the evicted K/V of every layer in an offload store."""
+
+    def __init__(self, config, prompt_len, layers, store, batch_heads, inv_freq=None):
+        self.config, self.prompt_len, self.layers, self.store = config, prompt_len, layers, store
+        self.inv_freq = inv_freq  # (D/2,) the model's RoPE frequencies: the sketch's keys are rotated
         self.recomputes = config.recomputes  # once: with per-sequence theta1 tensors it costs a host sync
-        self.slots = [torch.arange(t.shape[2], device=t.device) for t in k]
-        # the token at position pos goes to slot pos - prompt_len + kept_len: the offset is a tensor so that
-        # a compiled decode step does not depend on the prompt length (one graph for every prompt)
-        self.slot_offset = [torch.tensor([n - prompt_len], device=k[0].device) for n in kept_len]
-        B, Hq = batch_heads
-        # per (layer, sequence, query head): how often each case happened (calibrate, recompute, none)
-        self.counts = torch.zeros(len(k), B, Hq, 3, dtype=torch.long, device=k[0].device)
-        # per (layer, sequence, KV head): how often its evicted K/V were read back from the store
-        self.reloads = torch.zeros(len(k), B, k[0].shape[1], dtype=torch.long, device=k[0].device)
-        # per (layer, sequence): steps that read anything, i.e. what reloading whole layers would cost
-        self.layer_reloads = torch.zeros(len(k), B, dtype=torch.long, device=k[0].device)
+        self.counts, self.reloads, self.reload_tokens = new_counters(len(layers), batch_heads, layers[0].k)
 
     @classmethod
-    def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None):
+    def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None, inv_freq=None):
         """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
-        the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it."""
+        the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
+        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages)."""
         config.check()
+        if config.recomputes and config.reload_pages is not None and inv_freq is None:
+            raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
         n_layers = len(keys)
         B, Hkv, L, D = keys[0].shape
         if store is None:
             store = OffloadStore("cpu" if keys[0].device.type == "cuda" else keys[0].device)
         budgets = (pyramid_budgets(config.budget, n_layers, config.window) if config.method == "pyramidkv"
                    else [config.budget] * n_layers)
-        k_kept, v_kept, kept_len, hist_q, hist_out, hist_lse = [], [], [], [], [], []
-        for layer in range(n_layers):
-            k, v = keys[layer], values[layer]
-            budget = min(budgets[layer], L)
+        layers = []
+        for i in range(n_layers):
+            k, v, recorded = keys[i], values[i], recorder.layers[i]
+            budget = min(budgets[i], L)
             if budget == L:  # a prompt within the budget is kept whole
                 keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
             else:
-                keep, evicted = select(layer_scores(config, layer, k, recorder), budget, config.calibration_size)
-            k_kept.append(torch.cat([gather_tokens(k, keep), k.new_zeros(B, Hkv, max_new_tokens, D)], 2))
-            v_kept.append(torch.cat([gather_tokens(v, keep), v.new_zeros(B, Hkv, max_new_tokens, D)], 2))
-            kept_len.append(budget)
-            if not config.calibration:
-                continue
-            # the last prompt query: the historical query; a clone, a view would keep the whole window alive
-            q = recorder.window_q[layer][:, :, -1].clone()
-            k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
-            out, lse = accumulate(q, k_evicted, v_evicted)
-            hist_q.append(q)
-            hist_out.append(out)
-            hist_lse.append(lse)
-            if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
-                store.put(layer, k_evicted, v_evicted)
-        batch_heads = recorder.window_q[0].shape[:2]  # (B, Hq)
-        return cls(config, L, k_kept, v_kept, kept_len, hist_q, hist_out, hist_lse, store, batch_heads)
+                keep, evicted = select(SCORERS[config.method](config, k, recorded), budget, config.calibration_size)
+            room = k.new_zeros(B, Hkv, max_new_tokens, D)
+            layer = Layer(torch.cat([gather_tokens(k, keep), room], 2), torch.cat([gather_tokens(v, keep), room], 2),
+                          budget, torch.tensor([budget - L], device=k.device),
+                          torch.arange(budget + max_new_tokens, device=k.device), evicted.shape[2])
+            if config.calibration:
+                # the history: the last prompt query (a copy: the recorder's window is not kept alive)
+                layer.hist_q = recorded.window_q[:, :, -1].clone()
+                k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
+                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted)
+                if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
+                    store.put(i, k_evicted, v_evicted)
+                    if config.reload_pages is not None and config.reload_pages * config.page_size < layer.evicted_len:
+                        layer.sketch = sketch_keys(k_evicted, evicted, inv_freq)
+            layers.append(layer)
+        return cls(config, L, layers, store, recorder.layers[0].window_q.shape[:2], inv_freq)
 
     def attend(self, layer, q, k, v, pos):
         """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
         assert q.shape[2] == 1, "a CaliDropCache decodes one token at a time; prefill with the full cache"
-        slot = pos + self.slot_offset[layer]
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
+        state = self.layers[layer]
+        slot = pos + state.slot_offset
+        state.k.index_copy_(2, slot, k)
+        state.v.index_copy_(2, slot, v)
         q = q[:, :, 0]
-        out, lse = attention_with_lse(q, self.k[layer], self.v[layer], self.slots[layer] <= slot)
-        if not self.config.calibration:
-            self.counts[layer, ..., 2] += 1
-            return out[:, :, None]
-        out = self.calibrated(layer, q, out, lse)
-        return out[:, :, None]
+        out_kept, lse_kept = attention_with_lse(q, state.k, state.v, state.slots <= slot)
+        return self.calibrated(layer, q, out_kept, lse_kept)[:, :, None]
 
     def calibrated(self, layer, q, out_kept, lse_kept):
-        """Section 5: per (sequence, query head), recompute if rho < theta1, else calibrate if
-        rho > theta2, else nothing; rho = cos(q, hist_q)."""
-        rho = F.cosine_similarity(q.float(), self.hist_q[layer].float(), dim=-1)  # (B, Hq)
-        recompute = rho < self.config.theta1 if self.recomputes else torch.zeros_like(rho, dtype=torch.bool)
-        if self.recomputes and bool(recompute.any()):  # the one host sync: reload only when needed
-            self.recompute(layer, q, recompute)
+        """Section 5, per (sequence, query head), with rho = cos(q, hist_q): recompute if rho < theta1, else
+        calibrate if rho > theta2, else nothing (the kept cache's output). q, out_kept (B, Hq, D)."""
+        if not self.config.calibration:
+            none = torch.ones_like(lse_kept, dtype=torch.bool)
+            self.count(layer, calibrate=~none, recompute=~none)
+            return out_kept
+        state = self.layers[layer]
+        rho = F.cosine_similarity(q.float(), state.hist_q.float(), dim=-1)  # (B, Hq)
+        recompute = self.stale_heads(rho) if self.recomputes else torch.zeros_like(rho, dtype=torch.bool)
         calibrate = ~recompute & (rho > self.config.theta2)
-        merged, _ = merge(out_kept, lse_kept, self.hist_out[layer], self.hist_lse[layer])
-        self.counts[layer] += torch.stack([calibrate, recompute, ~(calibrate | recompute)], -1)
+        if self.recomputes:
+            self.refresh_history(layer, q, lse_kept, recompute)  # recompute: q's history, over the pages read
+        merged, _ = merge(out_kept, lse_kept, state.hist_out, state.hist_lse)
+        self.count(layer, calibrate, recompute)
         return torch.where((calibrate | recompute)[..., None], merged, out_kept)
 
-    def recompute(self, layer, q, heads):
-        """The history is stale for `heads` (B, Hq): attend the evicted K/V with the current query,
-        exactly, and make it the new history. Only the KV heads with a recomputing query head are read
-        from the store."""
+    def stale_heads(self, rho):
+        """(B, Hq) bool: the query heads to recompute now. Section 5's rule, rho < theta1, for at most
+        reload_capacity KV heads per sequence: those whose stalest query head has the lowest cosine; the
+        rest wait for a later step (their heads do nothing now)."""
+        stale = rho < self.config.theta1
+        B, Hq = rho.shape
+        Hkv = self.layers[0].k.shape[1]
+        capacity = self.config.reload_capacity
+        if capacity is None or capacity >= Hkv:
+            return stale
+        stalest = rho.masked_fill(~stale, float("inf")).view(B, Hkv, Hq // Hkv).amin(-1)  # (B, Hkv)
+        allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(1, stalest.topk(capacity, largest=False).indices, True)
+        return stale & allowed.repeat_interleave(Hq // Hkv, 1)
+
+    def refresh_history(self, layer, q, lse_kept, recompute):
+        """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
+        over the evicted tokens it reads back: all of them, or the reload_pages pages that the sketch says
+        hold the most of its attention. The step has the same shapes
+        whatever the decisions (no host sync, so it compiles as one graph): every sequence reads for
+        `capacity` KV heads, and one that does not need it reads token 0 of the first pair instead."""
+        state = self.layers[layer]
         B, Hq, D = q.shape
-        Hkv = self.k[layer].shape[1]
-        reload = heads.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv)
-        rows, kv_heads = reload.nonzero(as_tuple=True)
-        k, v = self.store.get(layer, rows, kv_heads)  # (n, E, D) each
-        q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's queries
-        out, lse = accumulate(q_grouped, k[:, None], v[:, None])  # (n, G, D), (n, G)
+        Hkv = state.k.shape[1]
+        capacity = min(self.config.reload_capacity or Hkv, Hkv)
+        reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
+        kv_heads = reload.float().topk(capacity, dim=1, sorted=False).indices  # (B, C), the reloading ones among them
+        needed = reload.gather(1, kv_heads).flatten()                          # (n,) n = B x C
+        rows = torch.arange(B, device=q.device).repeat_interleave(capacity)
+        kv_heads = kv_heads.flatten()
+        q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
+        if state.sketch is None:
+            tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each
+        else:
+            heads = recompute.view(B, Hkv, -1)[rows, kv_heads]  # (n, G)
+            keys = sketched_keys(state.sketch, rows, kv_heads, self.inv_freq)
+            tokens, visible = top_pages(q_grouped, keys, lse_kept.view(B, Hkv, -1)[rows, kv_heads], heads,
+                                        self.config.reload_pages, self.config.page_size, state.evicted_len)
+        visible = visible & needed[:, None]
+        k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
+        out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
+
+        fresh_out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
+        fresh_lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
+        state.hist_q = torch.where(recompute[..., None], q, state.hist_q)
+        state.hist_out = torch.where(recompute[..., None], fresh_out, state.hist_out)
+        state.hist_lse = torch.where(recompute, fresh_lse, state.hist_lse)
         self.reloads[layer] += reload
-        self.layer_reloads[layer] += reload.any(-1)
-        fresh_out = self.hist_out[layer].view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
-        fresh_lse = self.hist_lse[layer].view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
-        self.hist_q[layer] = torch.where(heads[..., None], q, self.hist_q[layer])
-        self.hist_out[layer] = torch.where(heads[..., None], fresh_out, self.hist_out[layer])
-        self.hist_lse[layer] = torch.where(heads, fresh_lse, self.hist_lse[layer])
+        self.reload_tokens[layer].view(-1).index_add_(0, rows * Hkv + kv_heads, visible.sum(-1))
+
+    # -------------------------------------------------------------------------------- 6. accounting
+
+    def count(self, layer, calibrate, recompute):
+        """One decision per (sequence, query head) and step: calibrate, recompute or none."""
+        self.counts[layer] += torch.stack([calibrate, recompute, ~(calibrate | recompute)], -1)
 
     def decisions(self):
         """Fractions of (sequence, layer, query head, step) cases: calibrate, recompute, none."""
@@ -371,30 +529,42 @@ class CaliDropCache:
         fractions = (total / total.sum().clamp(min=1)).tolist()
         return dict(zip(("calibrate", "recompute", "none"), fractions))
 
-    def reloaded_bytes(self, rows=slice(None), whole_layers=False):
-        """Bytes read back from the offload store so far by the sequences `rows`; with whole_layers, what
-        reading all KV heads of a layer for each of those reloads would have cost. Every (sequence, KV head)
-        of a layer holds the same number of evicted tokens, so each read is an equal share."""
-        counts = self.layer_reloads[:, rows] * self.reloads.shape[2] if whole_layers else self.reloads[:, rows]
-        pairs = counts.flatten(1).sum(1).tolist()  # per layer
-        shares = self.reloads.shape[1] * self.reloads.shape[2]
-        return sum(n * self.store.nbytes(layer) / shares for layer, n in enumerate(pairs) if n)
+    def reloaded_bytes(self, rows=slice(None)):
+        """Bytes read back from the offload store so far by the sequences `rows`: the tokens read, at what
+        one stored token (K and V of one sequence and KV head) costs in the store."""
+        total = 0.0
+        for i, state in enumerate(self.layers):
+            n = int(self.reload_tokens[i, rows].sum())
+            if n:
+                B, Hkv = self.reloads.shape[1:]
+                total += n * self.store.nbytes(i) / (B * Hkv * state.evicted_len)
+        return total
 
     def stats(self, n_tokens):
         """Byte counts when the cache holds the K/V of n_tokens tokens per sequence (prompt + fed)."""
-        B, Hkv, _, D = self.k[0].shape
-        per_token = 2 * B * Hkv * D * self.k[0].element_size()  # K and V, all sequences, one layer
+        B, Hkv, _, D = self.layers[0].k.shape
+        per_token = 2 * B * Hkv * D * self.layers[0].k.element_size()  # K and V, all sequences, one layer
         generated = n_tokens - self.prompt_len
-        calibration = sum(t.nbytes for t in (*self.hist_q, *self.hist_out, *self.hist_lse))
+        history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
+        sketches = [s.sketch for s in self.layers if s.sketch is not None]
         steps = max(generated, 1)
         return {
-            "kv_bytes_kept": sum(n + generated for n in self.kept_len) * per_token,
-            "kv_bytes_full": len(self.k) * n_tokens * per_token,
+            "kv_bytes_kept": sum(s.kept_len + generated for s in self.layers) * per_token,
+            "kv_bytes_full": len(self.layers) * n_tokens * per_token,
             "kv_bytes_offloaded": self.store.nbytes(),
-            "calibration_bytes": calibration,
-            "kv_bytes_allocated": sum(t.nbytes for t in (*self.k, *self.v)),
+            "calibration_bytes": sum(t.nbytes for t in history),
+            "kv_bytes_selection": sum(s.nbytes for s in sketches),  # fast memory that ranks the pages
+            "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers),
             "reload_bytes_per_token": self.reloaded_bytes() / steps,  # all sequences of the batch
-            "reload_bytes_per_token_whole_layers": self.reloaded_bytes(whole_layers=True) / steps,
             "reload_fraction": self.reloads.sum().item() / (self.reloads.numel() * steps),
             "decisions": self.decisions(),
         }
+
+
+def new_counters(n_layers, batch_heads, like):
+    """counts (layers, B, Hq, 3): each case (calibrate, recompute, none) per query head; reloads (layers,
+    B, Hkv): recomputes that read the KV head's evicted tokens; reload_tokens (layers, B, Hkv): tokens read."""
+    B, Hq = batch_heads
+    Hkv = like.shape[1]
+    zeros = functools.partial(torch.zeros, dtype=torch.long, device=like.device)
+    return zeros(n_layers, B, Hq, 3), zeros(n_layers, B, Hkv), zeros(n_layers, B, Hkv)

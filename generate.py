@@ -52,7 +52,8 @@ def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
     full = FullCache(model.args, B, L, dev, dtype)
     recorder = calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o")
     logits = prefill(model, tokens, recorder)
-    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens, store)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens, store,
+                                                model.inv_freq)
     return logits, cache
 
 

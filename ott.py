@@ -23,19 +23,7 @@ BITS = (2, 4, 8, 16)  # 16: no quantization (the exactness path)
 
 # ------------------------------------------------------------------------ 1. quantize, pack, dequantize
 
-def pack(codes, bits):
-    """codes (..., n) uint8 in [0, 2^bits) -> (..., ceil(n * bits / 8)) uint8: 8 // bits codes a byte,
-    the first in the lowest bits. bits 1 packs masks."""
-    per = 8 // bits
-    grouped = F.pad(codes, (0, -codes.shape[-1] % per)).unflatten(-1, (-1, per))
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (grouped << shifts).sum(-1, dtype=torch.uint8)  # the bit fields do not overlap: sum = or
-
-
-def unpack(packed, bits, n):
-    """The inverse of pack: (..., m) uint8 -> the first n codes (..., n) uint8."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]
+pack, unpack = calidrop.pack, calidrop.unpack  # codes packed into bytes, shared with CaliDrop's key sketch
 
 
 @dataclass
@@ -314,15 +302,17 @@ class Int8Store:
         self.k[layer] = quantize(k.to(self.device), 8, dim=-1)
         self.v[layer] = quantize(v.to(self.device), 8, dim=-1)
 
-    def get(self, layer, rows=None, kv_heads=None):
-        """The (sequence, KV head) pairs rows[i], kv_heads[i], dequantized: (n, E, D), and only those are
-        read; without pairs, all of them: (B, Hkv, E, D)."""
-        k, v = self.k[layer], self.v[layer]
-        if rows is not None:
-            rows, kv_heads = rows.to(self.device), kv_heads.to(self.device)
-            k, v = (Quantized(q.codes[rows, kv_heads], q.scale[rows, kv_heads], q.zero[rows, kv_heads], q.bits, q.n)
-                    for q in (k, v))
-        return dequantize(k), dequantize(v)
+    def read(self, layer, rows, kv_heads, tokens):
+        """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]), dequantized: k, v (n, S, D) on rows'
+        device; only their codes, scales and zero points are read."""
+        def take(q):
+            parts = (calidrop.read_tokens(t, rows, kv_heads, tokens) for t in (q.codes, q.scale, q.zero))
+            return dequantize(Quantized(*parts, q.bits, q.n))
+        return take(self.k[layer]), take(self.v[layer])
+
+    def get(self, layer):
+        """Every evicted token of the layer, dequantized: k, v (B, Hkv, E, D)."""
+        return dequantize(self.k[layer]), dequantize(self.v[layer])
 
     def nbytes(self, layer=None):
         layers = self.k if layer is None else [layer]
@@ -351,15 +341,15 @@ class OTTStore:
             stored.add(k[:, :, s:s + self.group], v[:, :, s:s + self.group])
         self.layers[layer], self.empty[layer] = stored, (k[:, :, :0].clone(), v[:, :, :0].clone())
 
-    def get(self, layer, rows=None, kv_heads=None):
-        """The (sequence, KV head) pairs rows[i], kv_heads[i], dequantized: (n, E, D); without pairs, all
-        of them: (B, Hkv, E, D). The whole layer is dequantized, then the pairs taken: its groups and
-        outlier pools are laid out per layer, so a per-pair read would need a per-pair layout."""
-        k, v = self.layers[layer].tokens() or self.empty[layer]
-        if rows is None:
-            return k, v
-        rows, kv_heads = rows.to(k.device), kv_heads.to(k.device)
-        return k[rows, kv_heads], v[rows, kv_heads]
+    def read(self, layer, rows, kv_heads, tokens):
+        """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]), dequantized: k, v (n, S, D). The
+        whole layer is dequantized, then the tokens taken: its groups and outlier pools are laid out per
+        layer, so a per-token read would need another layout."""
+        return tuple(calidrop.read_tokens(x, rows, kv_heads, tokens) for x in self.get(layer))
+
+    def get(self, layer):
+        """Every evicted token of the layer once, dequantized: k, v (B, Hkv, E, D)."""
+        return self.layers[layer].tokens() or self.empty[layer]
 
     def nbytes(self, layer=None):
         layers = self.layers if layer is None else [layer]

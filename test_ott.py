@@ -360,13 +360,13 @@ def test_calidrop_recompute_is_exact_over_the_dequantized_evicted_kv(model, kind
         q = torch.randn(B, HQ, 1, D, generator=g) * 3
         k_new, v_new = torch.randn(B, HKV, 1, D, generator=g), torch.randn(B, HKV, 1, D, generator=g)
         out = cache.attend(layer, q, k_new, v_new, torch.tensor([L]))
-        n = cache.kept_len[layer]
-        keys = torch.cat([cache.k[layer][:, :, :n], k_new, k_ev], 2)
-        values = torch.cat([cache.v[layer][:, :, :n], v_new, v_ev], 2)
+        n = cache.layers[layer].kept_len
+        keys = torch.cat([cache.layers[layer].k[:, :, :n], k_new, k_ev], 2)
+        values = torch.cat([cache.layers[layer].v[:, :, :n], v_new, v_ev], 2)
         torch.testing.assert_close(out[:, :, 0].double(), naive_attention(q[:, :, 0], keys, values),
                                    atol=1e-5, rtol=0)
-        exact_keys = torch.cat([cache.k[layer][:, :, :n], k_new, k_true], 2)
-        exact_values = torch.cat([cache.v[layer][:, :, :n], v_new, v_true], 2)
+        exact_keys = torch.cat([cache.layers[layer].k[:, :, :n], k_new, k_true], 2)
+        exact_values = torch.cat([cache.layers[layer].v[:, :, :n], v_new, v_true], 2)
         exact_out = naive_attention(q[:, :, 0], exact_keys, exact_values)
         if kind in ("ott", "int8"):  # and attention over the exact evicted K/V is not what it computes
             assert not torch.allclose(out[:, :, 0].double(), exact_out, atol=1e-5)
