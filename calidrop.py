@@ -207,7 +207,7 @@ class CaliDropConfig:
     calibration_size: int | None = None  # evicted tokens offloaded and calibrated with (None: all)
     pool_kernel: int = 5
     page_size: int = 16           # evicted tokens per page: the unit a recompute reads
-    reload_pages: int | None = None     # pages a recompute reads per KV head (None: all, the exact rule)
+    reload_pages: int | None = 12       # pages a recompute reads per KV head (None: all, the exact rule)
     reload_capacity: int | None = None  # KV heads per (layer, sequence) that may recompute in one step
                                         # (None: all, the paper's rule); the others wait for a later step
 
@@ -376,6 +376,23 @@ def top_pages(q_grouped, keys, lse_kept, heads, n_pages, page_size, evicted_len)
 
 # -------------------------------------------------------------------------------------- 5. decoding
 
+def reading_pairs(reload, capacity=None):
+    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
+
+    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
+    depend on the decisions, so that the step is one graph with no host sync: `capacity` pairs per sequence
+    (all Hkv when None), the reloading ones first; a pair that does not need it has needed False and reads
+    a dummy token."""
+    B, Hkv = reload.shape
+    if not torch.compiler.is_compiling():
+        rows, kv_heads = reload.nonzero(as_tuple=True)
+        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
+    capacity = min(capacity or Hkv, Hkv)
+    kv_heads = reload.float().topk(capacity, dim=1, sorted=False).indices  # (B, C)
+    rows = torch.arange(B, device=reload.device).repeat_interleave(capacity)
+    return rows, kv_heads.flatten(), reload.gather(1, kv_heads).flatten()
+
+
 @dataclass
 class Layer:
     """One layer of the compressed cache."""
@@ -408,8 +425,6 @@ class CaliDropCache:
         the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
         inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages)."""
         config.check()
-        if config.recomputes and config.reload_pages is not None and inv_freq is None:
-            raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
         n_layers = len(keys)
         B, Hkv, L, D = keys[0].shape
         if store is None:
@@ -436,6 +451,8 @@ class CaliDropCache:
                 if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
                     store.put(i, k_evicted, v_evicted)
                     if config.reload_pages is not None and config.reload_pages * config.page_size < layer.evicted_len:
+                        if inv_freq is None:
+                            raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
                         layer.sketch = sketch_keys(k_evicted, evicted, inv_freq)
             layers.append(layer)
         return cls(config, L, layers, store, recorder.layers[0].window_q.shape[:2], inv_freq)
@@ -485,18 +502,12 @@ class CaliDropCache:
     def refresh_history(self, layer, q, lse_kept, recompute):
         """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
         over the evicted tokens it reads back: all of them, or the reload_pages pages that the sketch says
-        hold the most of its attention. The step has the same shapes
-        whatever the decisions (no host sync, so it compiles as one graph): every sequence reads for
-        `capacity` KV heads, and one that does not need it reads token 0 of the first pair instead."""
+        hold the most of its attention. Only the KV heads with a recomputing query head read anything."""
         state = self.layers[layer]
         B, Hq, D = q.shape
         Hkv = state.k.shape[1]
-        capacity = min(self.config.reload_capacity or Hkv, Hkv)
         reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
-        kv_heads = reload.float().topk(capacity, dim=1, sorted=False).indices  # (B, C), the reloading ones among them
-        needed = reload.gather(1, kv_heads).flatten()                          # (n,) n = B x C
-        rows = torch.arange(B, device=q.device).repeat_interleave(capacity)
-        kv_heads = kv_heads.flatten()
+        rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
         q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
         if state.sketch is None:
             tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each

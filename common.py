@@ -1,5 +1,6 @@
 """What the command-line tools (generate.py, evaluate.py, bench.py) share: user errors and logging, the
 device and dtype, the checkpoint and its tokenizer, the KJV text, and the byte counts of a cache."""
+import argparse
 import importlib.metadata
 import json
 import sys
@@ -28,6 +29,16 @@ def run_cli(run, args):
     except (UsageError, CheckpointError) as e:
         log(f"error: {e}")
         sys.exit(2)
+
+
+def count_or_all(text):
+    """A flag that takes a count or `all` (None)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
 
 
 def resolve_device(device_name, dtype_name):
@@ -138,6 +149,6 @@ def cache_stats(cache, n_tokens):
     if hasattr(cache, "stats"):  # CaliDropCache, ott.QuantizedCache
         return cache.stats(n_tokens)
     full = cache.kv_bytes(n_tokens)
-    return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
+    return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0, "kv_bytes_selection": 0,
             "kv_bytes_allocated": cache.nbytes(),
             "decisions": {"calibrate": 0.0, "recompute": 0.0, "none": 0.0}}

@@ -1,11 +1,16 @@
-"""Shared test fixtures: a tiny random Llama written to disk as a real checkpoint."""
+"""Shared test fixtures and helpers: a tiny random Llama written to disk as a real checkpoint, configs that
+really compress its prompts, random tokens, teacher forcing."""
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from tokenizers import AddedToken
+
+import calidrop
+from model import decode_one_token
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -83,3 +88,33 @@ def truncated_ckpt(tmp_path_factory):
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     return path
+
+
+# ------------------------------------------------------------------------------- helpers of the tests
+
+def random_tokens(batch, length, seed):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(method, **kw):
+    """A config that really compresses a 48-token prompt: budget 16, window 4, sink 4."""
+    base = dict(method=method, budget=16, window=4, sink=4)
+    base.update(kw)
+    return calidrop.CaliDropConfig(**base)
+
+
+def teacher_force(model, cache, tokens, prompt_len):
+    """Feed tokens[:, prompt_len:] one by one into a prefilled cache -> (B, n, vocab) logits."""
+    steps = [decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t], device=tokens.device), cache)
+             for t in range(prompt_len, tokens.shape[1])]
+    return torch.stack(steps, 1)
+
+
+def query_at_cosine(h, rho, g):
+    """A random-norm vector whose cosine with h (D,) is exactly rho (up to rounding)."""
+    u = torch.randn(h.shape, generator=g, dtype=torch.float64)
+    h = h.double() / h.norm()
+    u = u - (u @ h) * h
+    u = u / u.norm()
+    scale = 1 + torch.rand(1, generator=g, dtype=torch.float64)
+    return ((rho * h + math.sqrt(1 - rho * rho) * u) * scale).float()

@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 import calidrop
-from common import TextCodec, UsageError, log, resolve_checkpoint, resolve_device, run_cli
+from common import TextCodec, UsageError, count_or_all, log, resolve_checkpoint, resolve_device, run_cli
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
 from evaluation.report import settings_record, write_outputs
 from evaluation.retrieval import task_retrieval
-from evaluation.variants import VARIANTS
+from evaluation.variants import VARIANTS, check_variant
 from model import load_model, read_config
 
 TASKS = ("ppl", "passkey", "multikey", "needle", "attention")  # "all"; frontier runs on its own
@@ -81,6 +81,12 @@ def parse_args(argv=None):
                    help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     p.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     p.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    p.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
+                   help="pages a recompute reads per KV head, or all, for variants without @N (default %(default)s)")
+    p.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size,
+                   help="evicted tokens per page (default %(default)s)")
+    p.add_argument("--reload-capacity", type=count_or_all, default=calidrop.CaliDropConfig.reload_capacity,
+                   help="KV heads per layer and sequence that may recompute in one step, or all (default)")
     return p.parse_args(argv)
 
 
@@ -104,7 +110,9 @@ def check_args(args):
     defaults = QUICK if args.quick else FULL
     tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier",), "task")
     args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
-    args.variants = parse_list(args.variants, str, VARIANTS, "variant") if args.variants else defaults["variants"]
+    args.variants = parse_list(args.variants, str, None, "variant") if args.variants else defaults["variants"]
+    for variant in args.variants:
+        check_variant(variant)
     args.budgets = parse_list(args.budgets, int, None, "budget") if args.budgets else defaults["budgets"]
     if args.lengths:
         args.lengths = args.needle_lengths = parse_list(args.lengths, int, None, "length")
@@ -120,7 +128,8 @@ def check_args(args):
         for budget in args.budgets:
             try:
                 calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
-                                        theta1=args.theta1, theta2=args.theta2).check()
+                                        theta1=args.theta1, theta2=args.theta2, page_size=args.page_size,
+                                        reload_pages=args.reload_pages, reload_capacity=args.reload_capacity).check()
             except ValueError as e:
                 raise UsageError(str(e)) from None
     if args.text_file and not Path(args.text_file).is_file():

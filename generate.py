@@ -15,17 +15,21 @@ import torch
 
 import calidrop
 import ott
-from common import (TextCodec, UsageError, cache_stats, log, resolve_checkpoint, resolve_device, run_cli,
-                    synchronize)
+from common import (TextCodec, UsageError, cache_stats, count_or_all, log, resolve_checkpoint, resolve_device,
+                    run_cli, synchronize)
 from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
 # -------------------------------------------------------------------------------- caches, sampling
 
 def make_config(args) -> calidrop.CaliDropConfig:
+    """The CaliDrop settings of the command line. The OTT store reads a whole layer (its groups and outlier
+    pools span it), so with --offload-quant ott a recompute reads every page."""
     config = calidrop.CaliDropConfig(
         method=args.method, budget=args.budget, window=args.window, sink=args.sink, theta1=args.theta1,
-        theta2=args.theta2, calibration=not args.no_calibration, calibration_size=args.calibration_size)
+        theta2=args.theta2, calibration=not args.no_calibration, calibration_size=args.calibration_size,
+        page_size=args.page_size, reload_pages=None if args.offload_quant == "ott" else args.reload_pages,
+        reload_capacity=args.reload_capacity)
     config.check()
     return config
 
@@ -99,6 +103,12 @@ def parse_args(argv=None):
     g.add_argument("--calibration-size", type=int, default=None,
                    help="offload and calibrate with only this many evicted tokens (default: all)")
     g.add_argument("--offload-quant", default="none", help="storage of CaliDrop's evicted K/V: none, int8, ott")
+    g.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
+                   help="pages of evicted tokens a recompute reads per KV head, or all (default %(default)s)")
+    g.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size,
+                   help="evicted tokens per page (default %(default)s)")
+    g.add_argument("--reload-capacity", type=count_or_all, default=calidrop.CaliDropConfig.reload_capacity,
+                   help="KV heads per layer and sequence that may recompute in one step, or all (default)")
     q = p.add_argument_group("KV-cache quantization (ott.py)")
     q.add_argument("--kv-quant", default="none", help="none, kivi, ott: quantize the whole cache (--method full)")
     q.add_argument("--kv-bits", default="2", help="2 (default), 4, 8, or 16 / none (no quantization)")

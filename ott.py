@@ -284,7 +284,7 @@ class QuantizedCache:
         B, H, _, D = self.res_k[0].shape
         full = len(self.layers) * n_tokens * 2 * B * H * D * self.res_k[0].element_size()
         kept = self.nbytes()
-        return {"kv_bytes_kept": kept, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
+        return {"kv_bytes_kept": kept, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0, "kv_bytes_selection": 0,
                 "kv_bytes_allocated": kept, "decisions": {"calibrate": 0.0, "recompute": 0.0, "none": 0.0}}
 
 

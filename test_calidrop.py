@@ -18,6 +18,7 @@ import torch
 
 import calidrop
 import generate
+from conftest import cfg, query_at_cosine, random_tokens, teacher_force
 from model import FullCache, decode_one_token, load_model, prefill
 
 # The tiny model of conftest.TINY: 2 layers, 4 query heads, 2 KV heads, head_dim 16.
@@ -33,15 +34,6 @@ def model(tiny_ckpt):
 pytestmark = pytest.mark.usefixtures("one_thread", "inference_mode")
 
 
-def random_tokens(batch, length, seed):
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def cfg(method, **kw):
-    """A config that really compresses a 48-token prompt: budget 16, window 4, sink 4."""
-    base = dict(method=method, budget=16, window=4, sink=4)
-    base.update(kw)
-    return calidrop.CaliDropConfig(**base)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -51,12 +43,6 @@ def full_logits(model, tokens):
     B, T = tokens.shape
     return model(tokens, torch.arange(T), FullCache(model.args, B, T))
 
-
-def teacher_force(model, cache, tokens, prompt_len):
-    """Feed tokens[:, prompt_len:] one by one into a prefilled cache -> (B, n, vocab) logits."""
-    steps = [decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t], device=tokens.device), cache)
-             for t in range(prompt_len, tokens.shape[1])]
-    return torch.stack(steps, 1)
 
 
 def decode_logits(model, tokens, prompt_len, config):
@@ -73,7 +59,8 @@ def build_cache(model, prompt, config, max_new_tokens, record_window=None):
     full = FullCache(model.args, prompt.shape[0], prompt.shape[1])
     recorder = calidrop.PrefillRecorder(full, record_window or config.window, h2o=config.method == "h2o")
     logits = prefill(model, prompt, recorder)
-    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens,
+                                                inv_freq=model.inv_freq)
     return logits, cache, full, recorder
 
 
@@ -128,15 +115,6 @@ def layer0_qk(model, tokens):
         return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
     return rope(q), rope(k)
 
-
-def query_at_cosine(h, rho, g):
-    """A random-norm vector whose cosine with h (D,) is exactly rho (up to rounding)."""
-    u = torch.randn(h.shape, generator=g, dtype=torch.float64)
-    h = h.double() / h.norm()
-    u = u - (u @ h) * h
-    u = u / u.norm()
-    scale = 1 + torch.rand(1, generator=g, dtype=torch.float64)
-    return ((rho * h + math.sqrt(1 - rho * rho) * u) * scale).float()
 
 
 # ------------------------------------------------------------------------------- 1. the merge identity
@@ -208,7 +186,7 @@ def test_bfloat16_adds_no_more_error_than_the_full_caches_own(model, tiny_ckpt, 
     config = cfg("snapkv", theta1=theta1, theta2=theta2)
     (full32, _), (full16, _) = (decode_logits(m, tokens, L, None) for m in (model, bf16))
     (ours32, cache32), (ours16, cache16) = (decode_logits(m, tokens, L, config) for m in (model, bf16))
-    assert ours16.dtype == torch.float32 and cache16.k[0].dtype == torch.bfloat16
+    assert ours16.dtype == torch.float32 and cache16.layers[0].k.dtype == torch.bfloat16
     assert torch.equal(cache16.counts, cache32.counts)  # the same decisions: only rounding differs
     if theta1 < 1:
         assert all(f > 0 for f in cache32.decisions().values())  # the three cases all happen
@@ -232,24 +210,6 @@ def test_host_offload_on_cuda_reloads_from_pinned_memory(tiny_ckpt):
     torch.testing.assert_close(logits["cpu"], logits["cuda"], atol=1e-5, rtol=0)
     reference = gpu(tokens, torch.arange(L + n, device="cuda"), FullCache(gpu.args, 2, L + n, "cuda"))
     torch.testing.assert_close(logits["cpu"], reference[:, L - 1:], atol=1e-4, rtol=0)
-
-
-def test_compiled_step_equals_eager_and_compiles_once_for_every_prompt_length(model):
-    """torch.compile of the decode step (generate.py --compile, bench.py) on a calibrate-only cache: the
-    logits equal the eager step's, and prompts of two lengths share one graph (the prompt length enters
-    the step as a tensor)."""
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-    step = torch.compile(decode_one_token, fullgraph=True)
-    for L in (40, 56):
-        tokens = random_tokens(2, L + 6, seed=L)
-        logits = {}
-        for name, fn in (("eager", decode_one_token), ("compiled", step)):
-            _, cache = generate.prefill_and_compress(model, tokens[:, :L], cfg("snapkv", theta1=-1.0, theta2=0.0), 6)
-            logits[name] = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
-                                        for t in range(L, L + 6)], 1)
-        torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=0)
-    assert counters["stats"]["unique_graphs"] == 1
 
 
 # ---------------------------------------------------------- 3. never act == the base method, bit for bit
@@ -512,12 +472,12 @@ def test_pyramidkv_keeps_each_layers_budget(model):
     assert sizes[0] > budget > sizes[1]  # layer 0 keeps more than the budget, layer 1 less
     _, cache, full, recorder = build_cache(model, random_tokens(B, L, seed=6), cfg("pyramidkv", budget=budget),
                                            max_new_tokens=n_new)
-    assert cache.kept_len == sizes
+    assert [s.kept_len for s in cache.layers] == sizes
     for layer, size in enumerate(sizes):
-        assert cache.k[layer].shape == cache.v[layer].shape == (B, HKV, size + n_new, D)
+        assert cache.layers[layer].k.shape == cache.layers[layer].v.shape == (B, HKV, size + n_new, D)
         keys = full.k[layer][:, :, :L]
-        scores = naive_snapkv_scores(recorder.window_q[layer], keys)
-        pos = kept_positions(cache.k[layer], keys, size)
+        scores = naive_snapkv_scores(recorder.layers[layer].window_q, keys)
+        pos = kept_positions(cache.layers[layer].k, keys, size)
         for b in range(B):
             for h in range(HKV):
                 window_set = set(range(L - window, L))
@@ -630,9 +590,10 @@ def test_cache_holds_what_it_counts(model, method, theta1):
     L, n, B, budget = 48, 5, 2, 16
     _, cache, _, recorder = build_cache(model, random_tokens(B, L, seed=10), cfg(method, theta1=theta1),
                                         max_new_tokens=n)
-    assert recorder.window_q[0].shape[2] > 1  # a view of it would hold more than one query
+    assert recorder.layers[0].window_q.shape[2] > 1  # a view of it would hold more than one query
     stored = held_tensors(cache.store)
-    floats = [t for t in held_tensors(cache, {id(cache.store)}) if t.is_floating_point()]  # not the counters
+    # not the counters, nor the model's RoPE frequencies that the cache refers to
+    floats = [t for t in held_tensors(cache, {id(cache.store), id(cache.inv_freq)}) if t.is_floating_point()]
     kv = N_LAYERS * 2 * B * HKV * (budget + n) * D * FP32  # pyramidkv: per-layer budgets, the same sum
     calibration = N_LAYERS * B * HQ * (2 * D + 1) * FP32  # hist_q, hist_out (B, Hq, D); hist_lse (B, Hq)
     evicted = N_LAYERS * 2 * B * HKV * (L - budget) * D * FP32 if theta1 > -1 else 0

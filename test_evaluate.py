@@ -76,15 +76,18 @@ def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
     torch.manual_seed(0)
     L, n = 48, 12
     tokens = torch.randint(3, model.args.vocab_size, (2, L + n))
-    args = evaluate.parse_args(["--window", "4", "--sink", "4"])
-    names = ("evict", "calibrate", "recompute", "calidrop", "calidrop+int8-offload", "recompute-all")
+    # pages of 4 of the 32 evicted tokens: 3 per recompute by default, and variants that read 2 or all
+    args = evaluate.parse_args(["--window", "4", "--sink", "4", "--page-size", "4", "--reload-pages", "3"])
+    names = ("evict", "calibrate", "recompute", "calidrop", "calidrop+int8-offload", "recompute-all",
+             "calidrop@all", "recompute+int8-offload@2")
     with torch.inference_mode():
         _, full, recorder = variants.prefill_rows(model, tokens[:, :L], n, args.window, h2o=True)
-        rows, layout = variants.build_batch(args, [(method, 16, names)], full, recorder, L, n)
+        rows, layout = variants.build_batch(args, [(method, 16, names)], full, recorder, L, n, model.inv_freq)
         batched = torch.stack(list(variants.feed(model, rows, tokens[:, L:].repeat(len(layout), 1), L)), 1)
         for _, _, variant, cache, in_cache, in_batch in layout:
             theta1, theta2 = variants.thresholds(variant, args)
-            config = calidrop.CaliDropConfig(method=method, budget=16, window=4, sink=4, theta1=theta1, theta2=theta2)
+            config = calidrop.CaliDropConfig(method=method, budget=16, window=4, sink=4, theta1=theta1, theta2=theta2,
+                                             page_size=4, reload_pages=variants.reload_pages(variant, args))
             store = variants.make_store(variants.offload(variant), "cpu") or calidrop.OffloadStore("cpu")
             _, alone = generate.prefill_and_compress(model, tokens[:, :L], config, n, store)
             logp = torch.stack(list(variants.feed(model, alone, tokens[:, L:], L)), 1)
@@ -96,6 +99,7 @@ def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
             assert stats["reload_bytes_per_token"] == pytest.approx(own["reload_bytes_per_token"] / 2), variant
             if variant != "evict":  # evict needs no calibration state: evaluate counts none
                 assert stats["calibration_bytes"] == own["calibration_bytes"] / 2, variant
+            assert stats["kv_bytes_selection"] == own["kv_bytes_selection"] / 2, variant
 
 
 def test_ppl_reference_and_kl_against_independent_computations(tiny_ckpt, small_text):

@@ -400,7 +400,7 @@ def test_byte_counts_kivi_closed_form():
         assert s["kv_bytes_kept"] == expected == s["kv_bytes_allocated"]
         assert s["kv_bytes_full"] == 2 * (L + steps) * B * HKV * D * 2 * es
         assert set(s) == {"kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "calibration_bytes",
-                          "kv_bytes_allocated", "decisions"}
+                          "kv_bytes_selection", "kv_bytes_allocated", "decisions"}
         assert s["kv_bytes_offloaded"] == s["calibration_bytes"] == 0
 
 

@@ -73,12 +73,15 @@ def shared_prefill(model, ids, new_tokens, h2o, window, device, dtype):
 def cache_tensors(cache):
     """Every tensor a cache holds (for the memory column and the byte-count check)."""
     if isinstance(cache, FullCache):
-        return {"kv": [*cache.k, *cache.v], "offloaded": [], "calibration": [], "other": [cache.slots]}
-    store = cache.store
+        return {"kv": [*cache.k, *cache.v], "offloaded": [], "calibration": [], "selection": [], "other": [cache.slots]}
+    store, layers = cache.store, cache.layers
     offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
-    return {"kv": [*cache.k, *cache.v], "offloaded": offloaded,
-            "calibration": [*cache.hist_q, *cache.hist_out, *cache.hist_lse],
-            "other": [*cache.slots, cache.counts, cache.reloads, cache.layer_reloads]}
+    sketches = [s.sketch for s in layers if s.sketch is not None]
+    return {"kv": [t for s in layers for t in (s.k, s.v)], "offloaded": offloaded,
+            "calibration": [t for s in layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None],
+            "selection": [t for s in sketches for t in (s.coords, s.scale, s.basis, s.positions)],
+            "other": [t for s in layers for t in (s.slots, s.slot_offset)] + [cache.counts, cache.reloads,
+                                                                            cache.reload_tokens]}
 
 
 def nbytes(tensors):
@@ -93,8 +96,9 @@ def storage_bytes(tensors):
 def filled_kv_bytes(cache):
     """K/V bytes of the slots that really hold a token, counted from the tensors (a written key is never
     all zeros; unwritten slots are)."""
-    filled = sum(int((k != 0).any(-1).sum()) for k in cache.k)  # per layer: batch, head, slot
-    k0 = cache.k[0]
+    keys = cache.k if isinstance(cache, FullCache) else [s.k for s in cache.layers]
+    filled = sum(int((k != 0).any(-1).sum()) for k in keys)  # per layer: batch, head, slot
+    k0 = keys[0]
     return 2 * filled * k0.shape[-1] * k0.element_size()
 
 
@@ -103,7 +107,8 @@ def check_bytes(cache, stats):
     held = cache_tensors(cache)
     problems = []
     checks = [("kv_bytes_kept", filled_kv_bytes(cache)), ("kv_bytes_allocated", storage_bytes(held["kv"])),
-              ("calibration_bytes", storage_bytes(held["calibration"]))]
+              ("calibration_bytes", storage_bytes(held["calibration"])),
+              ("kv_bytes_selection", storage_bytes(held["selection"]))]
     if held["offloaded"] or stats["kv_bytes_offloaded"] == 0:
         checks.append(("kv_bytes_offloaded", storage_bytes(held["offloaded"])))
     for key, actual in checks:
@@ -162,7 +167,7 @@ class Steps:
 def prepare_for_cuda_graphs(cache):
     """Cache tensors are mutated in place every step: tell the compiler their addresses never change."""
     held = cache_tensors(cache)
-    for t in (*held["kv"], *held["calibration"], *held["other"]):
+    for t in (*held["kv"], *held["calibration"], *held["selection"], *held["other"]):
         torch._dynamo.mark_static_address(t)
 
 
@@ -215,7 +220,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         synchronize(device)
         t0 = time.perf_counter()
         cache = calidrop.CaliDropCache.from_prefill(variant.config, shared.keys, shared.values, shared.recorder,
-                                                    shared.room)  # eager and compiled rows: the same shapes
+                                                    shared.room, inv_freq=model.inv_freq)  # eager and compiled rows: the same shapes
         synchronize(device)
         compress_s = time.perf_counter() - t0
     if cuda_graphs:

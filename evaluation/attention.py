@@ -55,12 +55,12 @@ def task_attention(model, codec, args, device):
     S, steps, C = min(args.segments, ATTENTION_SEGMENTS), min(args.new_tokens, ATTENTION_STEPS), args.context
     tokens = torch.tensor(segments(codec, load_text(args), S, C + steps), device=device)
     _, full, recorder = prefill_rows(model, tokens[:, :C], steps, args.window, "h2o" in args.methods)
-    hist_q = {layer: q[:, :, -1] for layer, q in recorder.window_q.items()}
+    hist_q = {layer: r.window_q[:, :, -1] for layer, r in recorder.layers.items()}
     per_token = kv_bytes_per_token(model.args, model.embed_tokens.weight.dtype)
     configs, todo = [], batches(grid(args), S, C, per_token)
     progress = Progress("attention: batch", len(todo))
     for groups in todo:
-        shadows, layout = build_batch(args, groups, full, recorder, C, steps)
+        shadows, layout = build_batch(args, groups, full, recorder, C, steps, model.inv_freq)
         probe = Probe(model, full, shadows, len(layout), hist_q, C)
         t0 = time.perf_counter()
         for _ in feed(model, probe, tokens[:, C:], C):

@@ -45,7 +45,6 @@ def frontier_point(variant, method, budget, r, fast, weights):
     offloaded = r.get("kv_bytes_offloaded", 0)
     return {"variant": variant, "method": method, "budget": budget, "fast_bytes": fast,
             "offloaded_bytes": offloaded, "total_bytes": fast + offloaded, "reload_bytes_per_token": reload,
-            "reload_bytes_per_token_whole_layers": r.get("reload_bytes_per_token_whole_layers", 0.0),
             "kl": r["kl"]["mean"], "kl_se": r["kl"]["se"], "nll": r["nll"]["mean"], "nll_se": r["nll"]["se"],
             "decisions": r.get("decisions"), "gpu_tokens_per_s": gpu_tokens_per_s(weights, fast, reload)}
 

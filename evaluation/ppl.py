@@ -49,7 +49,7 @@ class Continuation:
         configs, todo = [], batches(groups, S, C, per_token)
         progress = Progress(f"{what}: batch", len(todo))
         for group in todo:
-            rows, layout = build_batch(args, group, self.full, self.recorder, C, M)
+            rows, layout = build_batch(args, group, self.full, self.recorder, C, M, model.inv_freq)
             n = len(layout)
             nll, divergence = torch.zeros(n * S, M, device=self.inputs.device), torch.zeros(n * S, M, device=self.inputs.device)
             t0 = time.perf_counter()

@@ -52,7 +52,7 @@ def run_prompt(model, codec, args, ids, tail, value):
     results = {}
     per_token = kv_bytes_per_token(model.args, model.embed_tokens.weight.dtype)
     for groups in batches(grid(args), 1, L, per_token):
-        rows, layout = build_batch(args, groups, full, recorder, L, tail.shape[1] + n_new)
+        rows, layout = build_batch(args, groups, full, recorder, L, tail.shape[1] + n_new, model.inv_freq)
         t0 = time.perf_counter()
         correct = answer(rows, len(layout))
         decode_s = (time.perf_counter() - t0) / len(layout)

@@ -9,7 +9,7 @@ import torch
 
 import calidrop
 import ott
-from common import log
+from common import UsageError, log
 from model import FullCache, decode_one_token, prefill
 
 VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "calidrop+ott-offload", "recompute-all")
@@ -19,16 +19,36 @@ NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = 
 BATCH_KV_BYTES = 4 * 2**30  # prompt K/V bytes over the rows of one decode batch: bounds the copies
 
 
+# A variant's name: what it does, then how its evicted K/V are stored, then how many pages a recompute
+# reads: "calidrop+int8-offload@8" is CaliDrop with the int8 store reading 8 pages per recompute; without
+# "@", --reload-pages; "@all": every evicted token (the exact rule).
+
 def thresholds(variant, args):
     """(theta1, theta2) of a variant; section 5's precedence makes these exact (see CALIDROP.md)."""
     return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
-            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant.partition("+")[0]]
+            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant.split("@")[0].partition("+")[0]]
 
 
 def offload(variant):
     """How a variant stores its evicted K/V: None (as computed), "int8" or "ott" (2-bit): "calidrop+ott-offload"
     is CaliDrop with the OTT store."""
-    return variant.partition("+")[2].removesuffix("-offload") or None
+    return variant.split("@")[0].partition("+")[2].removesuffix("-offload") or None
+
+
+def reload_pages(variant, args):
+    """Pages a recompute of the variant reads per KV head (None: all). The OTT store reads a whole layer
+    (its groups and outlier pools span it), so its variants always read every page."""
+    name, _, pages = variant.partition("@")
+    pages = pages or args.reload_pages
+    return None if pages in (None, "all") or offload(variant) == "ott" else int(pages)
+
+
+def check_variant(variant):
+    """A UsageError for a name that is not VARIANTS[i][+offload][@N|@all]."""
+    name, _, pages = variant.partition("@")
+    if name not in VARIANTS or (pages and pages != "all" and not (pages.isdigit() and int(pages) > 0)):
+        raise UsageError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)}, optionally with "
+                         f"@N or @all pages per recompute)")
 
 
 def make_store(kind, device):
@@ -53,9 +73,11 @@ def prefill_rows(model, tokens, extra, window, h2o):
         for into, new in ((full.k, part.cache.k), (full.v, part.cache.v)):
             for layer, x in enumerate(new):
                 into[layer][b:b + 1, :, :L] = x
-        for into, new in ((merged.window_q, part.window_q), (merged.column_sums, part.column_sums)):
-            for layer, x in new.items():
-                into[layer] = torch.cat([into[layer], x]) if layer in into else x
+        for layer, new in part.layers.items():
+            into = merged.layers.get(layer)
+            merged.layers[layer] = new if into is None else calidrop.Recorded(
+                torch.cat([into.window_q, new.window_q]),
+                None if new.column_sums is None else torch.cat([into.column_sums, new.column_sums]))
     return torch.cat(logits), full, merged
 
 
@@ -67,47 +89,60 @@ class SharedRows:
     def __init__(self, store, S, n):
         self.store, self.S, self.n = store, S, n
 
-    def get(self, layer, rows=None, kv_heads=None):
-        return self.store.get(layer, None if rows is None else rows % self.S, kv_heads)
+    def read(self, layer, rows, kv_heads, tokens):
+        return self.store.read(layer, rows % self.S, kv_heads, tokens)
+
+    def get(self, layer):
+        return self.store.get(layer)
 
     def nbytes(self, layer=None):
         return self.n * self.store.nbytes(layer)
 
 
-def compress(args, method, budget, variants, full, recorder, length, max_new):
-    """The variants of one (method, budget) from the prefill. Selection and calibration do not depend on
-    the thresholds, so they run once, on the S sequences; the variants are then rows of one cache per
-    offload format (rows = variants x sequences, variant-major; theta1 and theta2 per row), sharing one
-    copy of the evicted K/V. Returns [(cache, variant names)]."""
+def compress(args, method, budget, variants, full, recorder, length, max_new, inv_freq):
+    """The variants of one (method, budget) from the prefill. Selection, calibration and the page sketch
+    do not depend on the thresholds or on how many pages a recompute reads, so they run once, on the S
+    sequences; the variants are then rows of one cache per (offload format, pages) (rows = variants x
+    sequences, variant-major; theta1 and theta2 per row), sharing one copy of the evicted K/V.
+    Returns [(cache, variant names)]."""
     device = full.slots.device
     theta1 = max(thresholds(v, args)[0] for v in variants)  # > -1: some variant recomputes, keep the evicted K/V
+    paged = [p for v in variants if (p := reload_pages(v, args)) is not None]
     config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
-                                     theta1=theta1, theta2=args.theta2)
+                                     theta1=theta1, theta2=args.theta2, page_size=args.page_size,
+                                     reload_pages=min(paged) if paged else None, reload_capacity=args.reload_capacity)
     base = calidrop.CaliDropCache.from_prefill(config, [k[:, :, :length] for k in full.k],
                                                [v[:, :, :length] for v in full.v], recorder, max_new,
-                                               calidrop.OffloadStore(device))
-    by_store = {}
+                                               calidrop.OffloadStore(device), inv_freq)
+    by_cache = {}
     for variant in variants:
-        by_store.setdefault(offload(variant), []).append(variant)
-    return [(as_rows(base, args, names, kind), names) for kind, names in by_store.items()]
+        by_cache.setdefault((offload(variant), reload_pages(variant, args)), []).append(variant)
+    return [(as_rows(base, args, names, kind, pages), names) for (kind, pages), names in by_cache.items()]
 
 
-def as_rows(base, args, variants, kind):
+def as_rows(base, args, variants, kind, pages):
     """base's S sequences repeated once per variant (variant-major) with each variant's thresholds, its
-    evicted K/V in a store of format `kind` (None: base's own)."""
+    evicted K/V in a store of format `kind` (None: base's own), reading `pages` pages per recompute."""
     n, (S, Hq) = len(variants), base.counts.shape[1:3]
-    device = base.k[0].device
+    device = base.layers[0].k.device
     theta1, theta2 = (torch.tensor([thresholds(v, args)[i] for v in variants], device=device)
                       .repeat_interleave(S)[:, None] for i in (0, 1))
     store = base.store
     if kind and base.recomputes:
         store = make_store(kind, device)
-        for layer in range(len(base.k)):
+        for layer in range(len(base.layers)):
             store.put(layer, *base.store.get(layer))
-    repeat = lambda xs: [x.repeat(n, *(1,) * (x.dim() - 1)) for x in xs]
-    return calidrop.CaliDropCache(dataclasses.replace(base.config, theta1=theta1, theta2=theta2), base.prompt_len,
-                                  repeat(base.k), repeat(base.v), base.kept_len, repeat(base.hist_q),
-                                  repeat(base.hist_out), repeat(base.hist_lse), SharedRows(store, S, n), (n * S, Hq))
+    repeat = lambda x: None if x is None else x.repeat(n, *(1,) * (x.dim() - 1))
+    layers = []
+    for state in base.layers:
+        paged = pages is not None and pages * args.page_size < state.evicted_len and state.sketch is not None
+        sketch = calidrop.KeySketch(*map(repeat, dataclasses.astuple(state.sketch))) if paged else None
+        layers.append(dataclasses.replace(state, k=repeat(state.k), v=repeat(state.v), hist_q=repeat(state.hist_q),
+                                          hist_out=repeat(state.hist_out), hist_lse=repeat(state.hist_lse),
+                                          sketch=sketch))
+    config = dataclasses.replace(base.config, theta1=theta1, theta2=theta2, reload_pages=pages)
+    return calidrop.CaliDropCache(config, base.prompt_len, layers, SharedRows(store, S, n), (n * S, Hq),
+                                  base.inv_freq)
 
 
 def quantized_caches(model, full, length, bits=QUANT_BITS):
@@ -153,13 +188,13 @@ class Rows:
         return torch.cat([c.attend(layer, *qkv, pos) for c, *qkv in parts])
 
 
-def build_batch(args, groups, full, recorder, length, max_new):
+def build_batch(args, groups, full, recorder, length, max_new, inv_freq):
     """A batch's caches and, per config, where its rows are: [(method, budget, variant, cache, rows in
     the cache, rows in the batch)]."""
     S = full.k[0].shape[0]
     layout, caches, offset = [], [], 0
     for method, budget, variants in groups:
-        for cache, names in compress(args, method, budget, variants, full, recorder, length, max_new):
+        for cache, names in compress(args, method, budget, variants, full, recorder, length, max_new, inv_freq):
             for i, variant in enumerate(names):
                 layout.append((method, budget, variant, cache, slice(i * S, (i + 1) * S),
                                slice(offset + i * S, offset + (i + 1) * S)))
@@ -168,7 +203,8 @@ def build_batch(args, groups, full, recorder, length, max_new):
     return Rows(caches), layout
 
 
-BYTES = ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "calibration_bytes", "kv_bytes_allocated")
+BYTES = ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "calibration_bytes", "kv_bytes_selection",
+         "kv_bytes_allocated")
 
 
 def per_sequence(stats, batch):
@@ -184,10 +220,9 @@ def config_stats(cache, rows, variant, n_tokens):
     if variant == "evict":
         out["calibration_bytes"] = 0
     if cache.config.theta1[rows.start].item() <= -1:
-        out["kv_bytes_offloaded"] = 0
+        out["kv_bytes_offloaded"] = out["kv_bytes_selection"] = 0
     n_rows, steps = rows.stop - rows.start, n_tokens - cache.prompt_len
-    for key, whole in (("reload_bytes_per_token", False), ("reload_bytes_per_token_whole_layers", True)):
-        out[key] = cache.reloaded_bytes(rows, whole) / n_rows / max(steps, 1)  # per sequence
+    out["reload_bytes_per_token"] = cache.reloaded_bytes(rows) / n_rows / max(steps, 1)  # per sequence
     return out, cache.counts[:, rows].sum(dim=(0, 1, 2)).double()
 
 
