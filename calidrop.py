@@ -321,7 +321,8 @@ class KeySketch:
     coords: torch.Tensor     # (B, Hkv, E, rank // 2) uint8: 4-bit symmetric codes, two a byte
     scale: torch.Tensor      # (B, Hkv, 1, rank): one per coordinate, code 8 + c / scale in [1, 15]
     basis: torch.Tensor      # (B, Hkv, rank, D): orthonormal rows
-    positions: torch.Tensor  # (B, Hkv, E): each evicted token's position, int16 (int32 past 32k)
+    positions: torch.Tensor  # (B, Hkv, E) int32: each evicted token's position (int16 would halve it, but
+                             # inductor's CPU kernels do not vectorize int16 -> float: 4x slower scoring)
 
     @property
     def nbytes(self):
@@ -336,8 +337,7 @@ def sketch_keys(k, positions, inv_freq, rank=16):
     coords = (pre @ basis.transpose(-1, -2)).float()  # (B, Hkv, E, r)
     scale = coords.abs().amax(-2, keepdim=True).clamp(min=1e-30) / 7
     codes = (coords / scale).round().clamp(-7, 7).to(torch.uint8) + 8
-    wide = positions.max() >= 2**15
-    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32 if wide else torch.int16))
+    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32))
 
 
 def sketched_keys(sketch, rows, kv_heads, inv_freq):
@@ -363,7 +363,7 @@ def top_pages(q_grouped, keys, lse_kept, heads, n_pages, page_size, evicted_len)
     False on the last page's empty slots."""
     n, G, D = q_grouped.shape
     P = -(-evicted_len // page_size)
-    logits = (q_grouped @ keys[:, :evicted_len].transpose(-1, -2)).float() / math.sqrt(D)  # (n, G, E)
+    logits = (q_grouped.float() @ keys[:, :evicted_len].transpose(-1, -2)) / math.sqrt(D)  # (n, G, E)
     logits = F.pad(logits, (0, P * page_size - evicted_len), value=float("-inf"))
     page_lse = logits.unflatten(-1, (P, page_size)).logsumexp(-1)  # (n, G, P)
     total = torch.logaddexp(lse_kept, page_lse.logsumexp(-1))  # (n, G)

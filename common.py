@@ -149,6 +149,21 @@ def cache_stats(cache, n_tokens):
     if hasattr(cache, "stats"):  # CaliDropCache, ott.QuantizedCache
         return cache.stats(n_tokens)
     full = cache.kv_bytes(n_tokens)
-    return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0, "kv_bytes_selection": 0,
-            "kv_bytes_allocated": cache.nbytes(),
+    return {"kv_bytes_kept": full, "kv_bytes_full": full, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
+            "kv_bytes_selection": 0, "kv_bytes_allocated": cache.nbytes(),
             "decisions": {"calibrate": 0.0, "recompute": 0.0, "none": 0.0}}
+
+
+def bytes_read_per_token(stats, weights):
+    """What one decode step reads, split by where it lives: fast memory (the weights, every allocated slot
+    of the K/V buffers: the masked ones too, the calibration state, the key sketch of the KV heads that
+    recompute) and the host link (what recomputes read back from the offload store)."""
+    fast = (weights + stats["kv_bytes_allocated"] + stats["calibration_bytes"]
+            + stats["kv_bytes_selection"] * stats.get("reload_fraction", 0.0))
+    return {"fast": fast, "link": stats.get("reload_bytes_per_token", 0.0)}
+
+
+def compiled_graphs():
+    """How many graphs torch.compile has built so far in this process: a step that changed it compiled."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]

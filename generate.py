@@ -15,8 +15,8 @@ import torch
 
 import calidrop
 import ott
-from common import (TextCodec, UsageError, cache_stats, count_or_all, log, resolve_checkpoint, resolve_device,
-                    run_cli, synchronize)
+from common import (TextCodec, UsageError, bytes_read_per_token, cache_stats, compiled_graphs, count_or_all, log,
+                    resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
 from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
@@ -62,15 +62,16 @@ def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
 
 
 def sample(logits, temperature, top_k, generator):
-    """logits (B, vocab) -> next tokens (B, 1); temperature 0 is greedy."""
+    """logits (B, vocab) -> next tokens (B, 1); temperature 0 is greedy. On the logits' device with no host
+    sync: argmax of probs / Exp(1) noise draws from probs (the exponential race, as gpt-fast does)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+    noise = torch.empty_like(logits).exponential_(1, generator=generator)
+    return (logits.softmax(-1) / noise).argmax(-1, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -177,7 +178,7 @@ def run(args):
         log(f"note: the prompt ({len(ids)} tokens) fits in the budget ({config.budget}): not compressed")
 
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
     model = load_model(ckpt, device, dtype)
     step = torch.compile(decode_one_token) if args.compile else decode_one_token
 
@@ -196,8 +197,7 @@ def run(args):
         synchronize(device)
         prefill_s = time.perf_counter() - t0
 
-        new_ids, text = [], ""
-        t0 = time.perf_counter()
+        new_ids, text, step_s, compiling_s = [], "", [], []
         for i in range(max_new):
             new_ids.append(int(token))
             if new_ids[-1] in codec.stop_ids:
@@ -208,12 +208,15 @@ def run(args):
             if i == max_new - 1:  # the last sampled token is never fed
                 break
             pos = torch.tensor([len(ids) + i], device=device)
+            graphs = compiled_graphs()
+            t0 = time.perf_counter()
             token = sample(step(model, token, pos, cache), args.temperature, args.top_k, generator)
-        synchronize(device)
-        decode_s = time.perf_counter() - t0
+            synchronize(device)
+            (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
     print(flush=True)
 
     fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
+    decode_s = sum(step_s)  # the steady state: the steps that compiled something are in compile_s
     stats = {
         "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
         "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
@@ -221,10 +224,15 @@ def run(args):
         "calibration": config is not None and config.calibration,
         "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
         "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
-        "prefill_s": prefill_s, "decode_s": decode_s,
-        "decode_tokens_per_s": fed / decode_s if fed > 0 else None,
+        "prefill_s": prefill_s, "compile_s": sum(compiling_s), "decode_s": decode_s,
+        "decode_tokens_per_s": len(step_s) / decode_s if step_s else None,
         **cache_stats(cache, len(ids) + fed),
     }
+    read = bytes_read_per_token(stats, weight_bytes(model))
+    stats["bytes_read_per_token"] = read["fast"] + read["link"]
+    stats["link_bytes_per_token"] = read["link"]
+    stats["bandwidth_gb_s"] = (stats["bytes_read_per_token"] * stats["decode_tokens_per_s"] / 1e9
+                               if stats["decode_tokens_per_s"] else None)
     stats["compression_ratio"] = stats["kv_bytes_full"] / stats["kv_bytes_kept"]
     if device.type == "cuda":
         stats["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -238,8 +246,13 @@ def report(s):
     mb = 1 / 2**20
     tps = "n/a" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.1f}"
     d = s["decisions"]
-    log(f"prompt tokens {s['prompt_tokens']}, new tokens {s['new_tokens']}, prefill {s['prefill_s']:.2f} s, "
-        f"decode {tps} tokens/s")
+    compiling = f", compile {s['compile_s']:.1f} s" if s["compile_s"] else ""
+    log(f"prompt tokens {s['prompt_tokens']}, new tokens {s['new_tokens']}, prefill {s['prefill_s']:.2f} s"
+        f"{compiling}, decode {tps} tokens/s")
+    if s["bandwidth_gb_s"] is not None:
+        link = f", {s['link_bytes_per_token'] * mb:.2f} MB of it over the host link" if s["link_bytes_per_token"] else ""
+        log(f"bandwidth achieved {s['bandwidth_gb_s']:.1f} GB/s ({s['bytes_read_per_token'] * mb:.1f} MB read per "
+            f"token{link})")
     log(f"KV cache: kept {s['kv_bytes_kept'] * mb:.2f} MB of {s['kv_bytes_full'] * mb:.2f} MB full "
         f"({s['compression_ratio']:.1f}x), offloaded {s['kv_bytes_offloaded'] * mb:.2f} MB, "
         f"calibration {s['calibration_bytes'] * mb:.3f} MB")

@@ -75,8 +75,8 @@ def test_key_sketch_recovers_low_rank_pre_rope_keys():
     bound = math.sqrt(r) * sketch.scale.amax(-1) / 2  # (B, H, 1)
     assert ((approx - keys).norm(dim=-1) <= bound + 1e-4).all()
     assert (approx - keys).norm(dim=-1).mean() > 1e-3  # the codes really are 4 bits
-    # what it holds: 4 bits per coordinate, a scale per coordinate, the basis, an int16 position per token
-    assert sketch.nbytes == B * H * (E * r // 2 + r * 4 + r * d * 4 + E * 2)
+    # what it holds: 4 bits per coordinate, a scale per coordinate, the basis, an int32 position per token
+    assert sketch.nbytes == B * H * (E * r // 2 + r * 4 + r * d * 4 + E * 4)
 
 
 def test_top_pages_matches_a_naive_page_ranking():
