@@ -1,0 +1,312 @@
+"""CaliDrop inside a Hugging Face transformers causal LM, with calidrop.py as it is.
+
+    python examples/transformers_calidrop.py --method snapkv --budget 64 --window 16 --prompt-file prompts/passkey.txt --chat
+    python examples/transformers_calidrop.py --ckpt DIR --method full --prompt "..."
+
+How it plugs in. transformers' decoders that route attention through `AttentionInterface` (Llama, Mistral,
+Qwen2, ...) project q, k, v, apply RoPE, and call the function registered under `config._attn_implementation`
+as f(module, q, k, v, attention_mask, scaling=..., **kwargs), where kwargs carries the extra keyword arguments
+given to the model's forward. This file registers "calidrop": it hands the post-RoPE q (B, Hq, T, D), k, v
+(B, Hkv, T, D), `module.layer_idx` and the positions to the object passed as `model(..., calidrop_cache=...)`,
+that is to calidrop.py's seam `attend(layer, q, k, v, pos)`. The model runs with use_cache=False: a
+transformers `Cache` gets k and v in `update()` but never q, which the recorder and the calibration need, so
+the whole cache lives behind the attention function. A recompute reads only the evicted pages that a sketch
+of the pre-RoPE keys ranks first (CaliDropConfig.reload_pages), so the cache gets the model's RoPE
+frequencies, from its rotary embedding (`rope_inv_freq`).
+
+In your code (prompts of one length, no padding; examples/README.md says what was tested):
+
+    import calidrop, transformers_calidrop                     # registers attn_implementation="calidrop"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="calidrop")
+    config = calidrop.CaliDropConfig(method="snapkv", budget=256)  # None: the full cache
+    new_ids, cache = transformers_calidrop.generate(model, input_ids, config, 128, stop_ids=[eos_id])
+    print(cache.decisions(), cache.stats(input_ids.shape[1] + new_ids.shape[1] - 1))
+
+The CLI (the second half) takes generate.py's flags, with the same meanings, checks and stats fields.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # in this repository, calidrop.py is one level up
+import calidrop  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- the adapter
+
+def calidrop_attention(module, query, key, value, attention_mask, scaling=None, calidrop_cache=None,
+                       position_ids=None, **kwargs):
+    """transformers' attention-function signature around `calidrop_cache.attend`.
+
+    query (B, Hq, T, D), key, value (B, Hkv, T, D), post-RoPE, at positions position_ids (1, T) ->
+    (B, T, Hq, D) and no attention weights. attention_mask is always None here: transformers builds masks
+    only for the implementations it knows, and the caches below mask by position themselves."""
+    if calidrop_cache is None:
+        raise ValueError('attn_implementation="calidrop" needs model(..., calidrop_cache=...): '
+                         "run the model through prefill_and_compress() and next_logits()")
+    if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5):
+        raise ValueError(f"{type(module).__name__} scales its scores by {scaling}; calidrop.py by 1/sqrt(head_dim)")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(f"{type(module).__name__}: soft-capped logits and attention sinks are not supported")
+    out = calidrop_cache.attend(module.layer_idx, query, key, value, position_ids[0])  # (B, Hq, T, D)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("calidrop", calidrop_attention)
+
+
+class KVCache:
+    """The uncompressed cache, as model.py's FullCache: per layer a static (B, Hkv, max_len, D) buffer written
+    in place at `pos`, allocated at the layer's first call (its shape, dtype and device come from k). The prompt
+    attends causally from position 0; a decoded token attends to every slot written so far."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.k, self.v = {}, {}  # layer -> (B, Hkv, max_len, D)
+
+    def attend(self, layer, q, k, v, pos):
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) at positions pos (T,) -> (B, Hq, T, D)."""
+        if layer not in self.k:
+            B, Hkv, _, D = k.shape
+            self.k[layer], self.v[layer] = (x.new_zeros(B, Hkv, self.max_len, D) for x in (k, v))
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.index_copy_(2, pos, k)
+        v_all.index_copy_(2, pos, v)
+        B, Hq, T, D = q.shape
+        if T > 1:  # the prompt, from position 0 (prefill_and_compress makes it so)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # the query heads that share a KV head act as G queries of that head: each K/V is read once
+        mask = torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]
+        grouped = q.view(B, k_all.shape[1], -1, D)
+        return F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask).view(B, Hq, 1, D)
+
+    def keys_values(self):
+        """Per layer, in order: (B, Hkv, max_len, D) keys and values."""
+        return [self.k[i] for i in range(len(self.k))], [self.v[i] for i in range(len(self.v))]
+
+    def kv_bytes(self, n_tokens):
+        """Bytes of the filled slots when the cache holds the K/V of n_tokens tokens per sequence."""
+        return sum(t[:, :, :n_tokens].nbytes for t in (*self.k.values(), *self.v.values()))
+
+    def nbytes(self):
+        return sum(t.nbytes for t in (*self.k.values(), *self.v.values()))
+
+
+def check_model(model, max_len):
+    """What this adapter needs from a model that runs max_len positions; ValueError otherwise."""
+    if model.config._attn_implementation != "calidrop":
+        raise ValueError('load the model with attn_implementation="calidrop" '
+                         '(or call model.set_attn_implementation("calidrop"))')
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window is not None and max_len > window:
+        raise ValueError(f"sliding-window attention is not supported: the prompt and the new tokens ({max_len}) "
+                         f"must fit in the window ({window})")
+
+
+def rope_inv_freq(model, head_dim):
+    """The RoPE inverse frequencies (head_dim/2,) the model rotated its prompt keys with, as its rotary
+    embedding holds them: transformers applies llama3, linear, YaRN and other scalings to inv_freq itself.
+    CaliDropCache's key sketch un-rotates the evicted keys with them to rank pages. YaRN's and LongRoPE's
+    attention factor (cos and sin times a constant) scales each key as a whole, which the un-rotation keeps,
+    so it needs no care; and frequencies other than the model's would only rank worse pages: a recompute
+    attends exactly over the tokens it reads. A copy: LongRoPE rewrites its buffer in place once the sequence
+    outgrows its original context."""
+    inv_freq = getattr(getattr(model.get_decoder(), "rotary_emb", None), "inv_freq", None)
+    if inv_freq is None or inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"{type(model).__name__} has no RoPE over all {head_dim} head dimensions "
+                         "(rotary_emb.inv_freq) to rank the evicted pages with: use reload_pages=None "
+                         "(--reload-pages all)")
+    return inv_freq.clone()
+
+
+def next_logits(model, tokens, pos, cache):
+    """tokens (B, T) at positions pos (T,), attention by `cache` -> logits (B, vocab) after the last, float32."""
+    out = model(tokens, position_ids=pos[None], use_cache=False, logits_to_keep=1, calidrop_cache=cache)
+    return out.logits[:, -1].float()
+
+
+def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
+    """generate.py's function of the same name on a transformers model: one prefill with the full cache; then,
+    unless config is None (the full cache) or the prompt fits in the budget, compress it with
+    CaliDropCache.from_prefill. tokens (B, L): one prompt length, no padding. Returns (logits, cache)."""
+    B, L = tokens.shape
+    check_model(model, L + max_new_tokens)
+    compress = config is not None and L > config.budget
+    full = KVCache(L if compress else L + max_new_tokens)
+    recorder = calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o") if compress else full
+    logits = next_logits(model, tokens, torch.arange(L, device=tokens.device), recorder)
+    if not full.k:
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                         "AttentionInterface")
+    if not compress:
+        return logits, full
+    keys, values = full.keys_values()
+    ranks_pages = config.recomputes and config.reload_pages is not None
+    inv_freq = rope_inv_freq(model, keys[0].shape[-1]) if ranks_pages else None
+    return logits, calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, max_new_tokens, store,
+                                                       inv_freq)
+
+
+@torch.inference_mode()
+def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
+    """Greedy: input_ids (B, L) -> (new ids (B, N), cache), N <= max_new_tokens: it stops once every sequence
+    has produced one of stop_ids (cut each sequence after its own). The last new token is never fed, so the
+    cache holds the K/V of L + N - 1 tokens."""
+    logits, cache = prefill_and_compress(model, input_ids, config, max_new_tokens, store)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    new_ids = [logits.argmax(-1, keepdim=True)]
+    done = torch.isin(new_ids[-1][:, 0], stop)
+    for i in range(max_new_tokens - 1):
+        if done.all():
+            break
+        pos = torch.tensor([input_ids.shape[1] + i], device=input_ids.device)
+        new_ids.append(next_logits(model, new_ids[-1], pos, cache).argmax(-1, keepdim=True))
+        done |= torch.isin(new_ids[-1][:, 0], stop)
+    return torch.cat(new_ids, 1), cache
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+# Everything above is the adapter: torch, transformers and calidrop.py, to copy into another project. The CLI
+# reuses this repository's generate.py (its input checks and summary) and common.py (TextCodec, byte counts),
+# so it runs from here.
+
+import generate as cli  # noqa: E402
+from common import (TextCodec, UsageError, cache_stats, count_or_all, log, resolve_checkpoint,  # noqa: E402
+                    run_cli, synchronize)
+from model import CheckpointError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="a transformers causal LM directory with tokenizer.json (default: "
+                                  "SmolLM2-135M-Instruct, prepared on first use)")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--stats-json", help="write the run's numbers to this file as one JSON object")
+    g = p.add_argument_group("KV-cache compression")
+    g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
+    g.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
+    g.add_argument("--no-calibration", action="store_true", help="plain eviction, no CaliDrop")
+    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1")
+    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
+    g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
+    g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    g.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
+                   help="pages of evicted tokens a recompute reads per KV head, or all (default %(default)s)")
+    g.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size,
+                   help="evicted tokens per page (default %(default)s)")
+    g.add_argument("--reload-capacity", type=count_or_all, default=calidrop.CaliDropConfig.reload_capacity,
+                   help="KV heads per layer and sequence that may recompute in one step, or all (default)")
+    # generate.py's options that this CLI lacks (sampling, quantization, offload storage, calibration size,
+    # compile) at their defaults, so that its checks and stats apply as they are
+    return argparse.Namespace(**{**vars(cli.parse_args([])), **vars(p.parse_args(argv))})
+
+
+def context_length(ckpt):
+    """The checkpoint's context length, from its config.json, read by transformers."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    if not (ckpt / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {ckpt}")
+    try:
+        return AutoConfig.from_pretrained(str(ckpt)).get_text_config().max_position_embeddings
+    except (OSError, ValueError, KeyError, AttributeError) as e:  # transformers' messages span lines
+        raise CheckpointError(f"bad config.json in {ckpt}: {str(e).splitlines()[0]}") from None
+
+
+def load(ckpt, device, dtype):
+    """The checkpoint as a transformers causal LM with calidrop attention, in eval mode on `device`."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype,
+                                                    attn_implementation="calidrop").to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt} does not load as a transformers causal LM: {str(e).splitlines()[0]}") from None
+
+
+def run(args):
+    device, dtype = cli.check_args(args)
+    ckpt = resolve_checkpoint(args.ckpt)
+    max_len = context_length(ckpt)
+    codec = TextCodec(ckpt)
+    ids = codec.encode(args.prompt, chat=args.chat)
+    if len(ids) > max_len:
+        raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context ({max_len})")
+    max_new = min(args.max_new_tokens, max_len - len(ids))
+    if max_new < args.max_new_tokens:
+        log(f"note: the context has room for {max_new} new tokens only")
+    config = None if args.method == "full" else cli.make_config(args)  # already checked
+    if config is not None and len(ids) <= config.budget:
+        log(f"note: the prompt ({len(ids)} tokens) fits in the budget ({config.budget}): not compressed")
+    model = load(ckpt, device, dtype)
+
+    with torch.inference_mode():
+        tokens = torch.tensor([ids], device=device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            logits, cache = prefill_and_compress(model, tokens, config, max_new)
+        except ValueError as e:  # a model this adapter does not support
+            raise CheckpointError(str(e)) from None
+        token = logits.argmax(-1, keepdim=True)
+        synchronize(device)
+        prefill_s = time.perf_counter() - t0
+
+        new_ids, text = [], ""
+        t0 = time.perf_counter()
+        for i in range(max_new):
+            new_ids.append(int(token))
+            if new_ids[-1] in codec.stop_ids:
+                break
+            piece = codec.decode(new_ids)
+            print(piece[len(text):], end="", flush=True)
+            text = piece
+            if i == max_new - 1:  # the last sampled token is never fed
+                break
+            pos = torch.tensor([len(ids) + i], device=device)
+            token = next_logits(model, token, pos, cache).argmax(-1, keepdim=True)
+        synchronize(device)
+        decode_s = time.perf_counter() - t0
+    print(flush=True)
+
+    fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
+    stats = {  # generate.py's fields, in its order
+        "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
+        "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
+        "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
+        "calibration": config is not None and config.calibration,
+        "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
+        "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
+        "prefill_s": prefill_s, "decode_s": decode_s,
+        "decode_tokens_per_s": fed / decode_s if fed > 0 else None,
+        **cache_stats(cache, len(ids) + fed),
+    }
+    stats["compression_ratio"] = stats["kv_bytes_full"] / stats["kv_bytes_kept"]
+    if device.type == "cuda":
+        stats["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    cli.report(stats)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()  # stderr holds the summary, or one line of error
+    transformers.logging.disable_progress_bar()
+    run_cli(run, args)
+
+
+if __name__ == "__main__":
+    main()

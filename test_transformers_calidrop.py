@@ -1,0 +1,287 @@
+"""examples/transformers_calidrop.py: calidrop.py inside transformers models, against generate.py's path on the
+default model and against transformers' own generate."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import calidrop  # noqa: E402
+from common import TextCodec, kjv_text, resolve_checkpoint  # noqa: E402
+from conftest import TINY, write_checkpoint  # noqa: E402
+from model import FullCache, ModelArgs, decode_one_token, load_model, prefill, rope_inv_freq  # noqa: E402
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "examples"))
+import transformers_calidrop as tc  # noqa: E402
+
+N_NEW = 32
+# the default page-sparse recompute: 512 - 64 = 448 evicted tokens per KV head are 28 pages of 16, of which a
+# recompute reads 12
+CONFIGS = {f"{method}-{variant}": calidrop.CaliDropConfig(method=method, budget=64, calibration=variant == "calidrop")
+           for method in ("snapkv", "h2o", "streamingllm") for variant in ("calidrop", "evict")}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The default model as model.py loads it and as transformers loads it with calidrop attention, and 512
+    tokens of KJV text (8 times the budget)."""
+    transformers.logging.set_verbosity_error()
+    ckpt = resolve_checkpoint(None)
+    ids = TextCodec(ckpt).tokenizer.encode(kjv_text()[200_000:203_000], add_special_tokens=False).ids[:512]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="calidrop").eval()
+    return ckpt, torch.tensor([ids]), load_model(ckpt), hf
+
+
+def greedy(step, tokens, logits, cache, n_new=N_NEW):
+    """The prefill's next token, then n_new - 1 decode steps through `cache`: (B, n_new)."""
+    new = [logits.argmax(-1, keepdim=True)]
+    for i in range(n_new - 1):
+        new.append(step(new[-1], torch.tensor([tokens.shape[1] + i]), cache).argmax(-1, keepdim=True))
+    return torch.cat(new, 1)
+
+
+def run_configs(prefill_into, step, tokens):
+    """One recorded prefill, then every config compressed from it and decoded: what prefill_and_compress does
+    per config, with the prefill shared (from_prefill leaves the keys, values and recorder as they were).
+    Returns {name: (new tokens (1, N_NEW), cache)}."""
+    (keys, values), logits, recorder, inv_freq = prefill_into(tokens.shape[1])
+    runs = {}
+    for name, config in CONFIGS.items():
+        cache = calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, N_NEW, inv_freq=inv_freq)
+        runs[name] = greedy(step, tokens, logits, cache), cache
+    return runs
+
+
+def test_compressed_greedy_tokens_and_decisions_equal_generate_py(smol, one_thread):
+    """SnapKV, H2O and StreamingLLM at budget 64, with CaliDrop (0.7 / 0.85) and without: transformers' Llama
+    through the adapter gives model.py's 32 greedy tokens and every per-(layer, sequence, head) count of
+    calibrate / recompute / none, of reloads and of evicted tokens read back, with the pages chosen by the
+    sketch of the keys un-rotated by transformers' RoPE frequencies: 12 of 28 pages per reload."""
+    _, tokens, model, hf = smol
+
+    def ours(length):
+        full = FullCache(model.args, 1, length)
+        recorder = calidrop.PrefillRecorder(full, 32, h2o=True)
+        return (full.k, full.v), prefill(model, tokens, recorder), recorder, model.inv_freq
+
+    def theirs(length):
+        full = tc.KVCache(length)
+        recorder = calidrop.PrefillRecorder(full, 32, h2o=True)
+        logits = tc.next_logits(hf, tokens, torch.arange(length), recorder)
+        keys, values = full.keys_values()
+        return (keys, values), logits, recorder, tc.rope_inv_freq(hf, keys[0].shape[-1])
+
+    with torch.inference_mode():
+        expected = run_configs(ours, lambda t, p, c: decode_one_token(model, t, p, c), tokens)
+        got = run_configs(theirs, lambda t, p, c: tc.next_logits(hf, t, p, c), tokens)
+    for name, (want, reference) in expected.items():
+        have, cache = got[name]
+        assert torch.equal(have, want), name
+        assert torch.equal(cache.counts, reference.counts), name
+        assert torch.equal(cache.reloads, reference.reloads), name
+        assert torch.equal(cache.reload_tokens, reference.reload_tokens), name
+        if CONFIGS[name].calibration:  # both cases happen, and every reload reads 12 pages of 16 of the 448
+            assert cache.counts[..., 0].sum() > 0 and cache.counts[..., 1].sum() > 0, name
+            assert all(layer.sketch is not None and layer.evicted_len == 448 for layer in cache.layers), name
+            assert cache.reloads.sum() > 0 and torch.equal(cache.reload_tokens, 12 * 16 * cache.reloads), name
+
+
+def test_full_cache_equals_transformers_generate(smol, one_thread):
+    ckpt, tokens, _, hf = smol
+    tokens = tokens[:, :128]
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()  # sdpa and its dynamic cache
+    with torch.inference_mode():
+        expected = oracle.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=N_NEW,
+                                   min_new_tokens=N_NEW, do_sample=False)[:, tokens.shape[1]:]
+    got, cache = tc.generate(hf, tokens, None, N_NEW)
+    assert isinstance(cache, tc.KVCache)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------- other architectures, saved by transformers
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.2)
+
+
+def save_random(arch, path, **overrides):
+    """A random `arch` (Qwen2, Mistral, Qwen3, Phi3, Gemma2) causal LM, saved by transformers."""
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{arch}Config")(**{**SMALL, **overrides})
+    getattr(transformers, f"{arch}ForCausalLM")(config).save_pretrained(path)
+    return path
+
+
+ROPES = {"default": {},
+         "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=64),
+         "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)}  # attention factor 1.14
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_rope_frequencies_undo_the_models_rotation(rope):
+    """Un-rotating the keys a Llama recorded with rope_inv_freq gives its pre-RoPE keys (k_proj's output) times
+    the attention factor, whatever the scaling; llama3's frequencies are model.py's."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMALL, rope_parameters=dict(rope_theta=500000.0, **ROPES[rope]))
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("calidrop")
+    recorded = {}
+    model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, inputs, out: recorded.update(pre=out))
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 100), generator=torch.Generator().manual_seed(4))
+    full = tc.KVCache(100)
+    with torch.inference_mode():
+        tc.next_logits(model, tokens, torch.arange(100), full)
+    inv_freq = tc.rope_inv_freq(model, SMALL["head_dim"])
+    keys = full.keys_values()[0][1]  # (1, Hkv, 100, D)
+    pre = recorded["pre"].view(1, 100, SMALL["num_key_value_heads"], SMALL["head_dim"]).transpose(1, 2)
+    unrotated = calidrop.rotate(keys, torch.arange(100).expand(keys.shape[:3]), inv_freq, inverse=True)
+    factor = model.model.rotary_emb.attention_scaling
+    assert (factor == 1) == (rope != "yarn")
+    torch.testing.assert_close(unrotated, factor * pre, rtol=0, atol=1e-5)
+    if rope == "llama3":
+        args = ModelArgs.from_config(dict(config.to_dict(), architectures=["LlamaForCausalLM"]))
+        torch.testing.assert_close(inv_freq, rope_inv_freq(args), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral", "Qwen3"])
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "streamingllm"])
+def test_recompute_every_step_equals_full_generation(tmp_path, arch, method, one_thread):
+    """theta1 > 1 recomputes every head at every step: exact attention over kept + evicted tokens, so the greedy
+    tokens are those of the model's own generate, for two sequences of 80 tokens compressed to 24 (the 56
+    evicted fit in the 12 pages a recompute reads)."""
+    path = save_random(arch, tmp_path / arch)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="calidrop").eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 80), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = oracle.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=24,
+                                   min_new_tokens=24, do_sample=False, pad_token_id=0)[:, 80:]
+    config = calidrop.CaliDropConfig(method=method, budget=24, window=8, sink=4, theta1=2.0)
+    got, cache = tc.generate(model, tokens, config, 24)
+    assert isinstance(cache, calidrop.CaliDropCache) and cache.decisions()["recompute"] == 1.0
+    assert torch.equal(got, expected)
+
+
+def test_partial_rope_needs_every_page(tmp_path, one_thread):
+    """Phi-3 with RoPE over half of each head: no frequencies to rank pages with, so refused unless a recompute
+    reads every page; then it is exact again."""
+    path = save_random("Phi3", tmp_path / "p", partial_rotary_factor=0.5, pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="calidrop").eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 300), generator=torch.Generator().manual_seed(3))
+    config = calidrop.CaliDropConfig(method="snapkv", budget=24, window=8, theta1=2.0)  # 276 evicted: 18 pages
+    with pytest.raises(ValueError, match="no RoPE over all 16 head dimensions"):
+        tc.generate(model, tokens, config, 8)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.inference_mode():
+        expected = oracle.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8,
+                                   min_new_tokens=8, do_sample=False, pad_token_id=0)[:, 300:]
+    config.reload_pages = None
+    got, _ = tc.generate(model, tokens, config, 8)
+    assert torch.equal(got, expected)
+
+
+def test_generation_stops_once_every_sequence_has_a_stop_token(tmp_path, one_thread):
+    model = transformers.AutoModelForCausalLM.from_pretrained(save_random("Qwen2", tmp_path / "q"),
+                                                              attn_implementation="calidrop").eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
+    unstopped, _ = tc.generate(model, tokens, None, 24)
+    stop_ids = [int(unstopped[0, 5]), int(unstopped[1, 9])]
+    last = max(min(j for j in range(24) if int(row[j]) in stop_ids) for row in unstopped)
+    stopped, cache = tc.generate(model, tokens, None, 24, stop_ids=stop_ids)
+    assert last <= 9 and torch.equal(stopped, unstopped[:, :last + 1])
+
+
+def test_unsupported_models_are_refused(tmp_path):
+    path = save_random("Mistral", tmp_path / "m", sliding_window=64)
+    tokens = torch.zeros(1, 80, dtype=torch.long)
+    sdpa = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with pytest.raises(ValueError, match='attn_implementation="calidrop"'):
+        tc.generate(sdpa, tokens, None, 4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="calidrop").eval()
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        tc.generate(model, tokens, None, 4)
+    with pytest.raises(ValueError, match="calidrop_cache"):
+        model(tokens)
+    gemma = transformers.AutoModelForCausalLM.from_pretrained(  # attention logits soft-capped at 50
+        save_random("Gemma2", tmp_path / "g", query_pre_attn_scalar=SMALL["head_dim"]),
+        attn_implementation="calidrop").eval()
+    with pytest.raises(ValueError, match="soft-capped"):
+        tc.generate(gemma, tokens, None, 4)
+    with pytest.raises(ValueError, match="1/sqrt"):  # Gemma 2 scales by query_pre_attn_scalar
+        tc.generate(transformers.AutoModelForCausalLM.from_pretrained(
+            save_random("Gemma2", tmp_path / "g2", query_pre_attn_scalar=4 * SMALL["head_dim"]),
+            attn_implementation="calidrop").eval(), tokens, None, 4)
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE)
+
+
+def test_cli_stats_equal_generate_py(tiny_ckpt, tmp_path):
+    """The same flags through both CLIs on the tiny Llama: the same text and the same stats, timings aside. The 64
+    evicted tokens are 8 pages of 8, of which a recompute reads 2."""
+    stats = []
+    for script in ("examples/transformers_calidrop.py", "generate.py"):
+        out = tmp_path / f"{Path(script).stem}.json"
+        result = run_cli(script, "--ckpt", tiny_ckpt, "--prompt", "the quick brown fox jumps over the lazy dog " * 2,
+                         "--method", "h2o", "--budget", 24, "--window", 8, "--max-new-tokens", 12,
+                         "--reload-pages", 2, "--page-size", 8, "--stats-json", out)
+        assert result.returncode == 0, result.stderr
+        assert "decisions: calibrate" in result.stderr
+        stats.append(json.loads(out.read_text()))
+        assert result.stdout.strip() == stats[-1]["text"].strip()
+    for s in stats:
+        for timing in ("prefill_s", "decode_s", "decode_tokens_per_s"):
+            s.pop(timing)
+    assert stats[0] == stats[1]
+    assert stats[0]["compressed"] and stats[0]["prompt_tokens"] == 88
+    assert stats[0]["kv_bytes_selection"] > 0 and stats[0]["reload_fraction"] > 0  # pages were ranked and read
+
+
+BAD_INPUTS = {  # test_cli.py's cases, for this CLI
+    "missing directory": (["--ckpt", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
+    "missing tokenizer": (["--ckpt", "{no_tok}", "--prompt", "hi"], "tokenizer.json"),
+    "not a transformers model": (["--ckpt", "{unknown}", "--prompt", "hi"], "bad config.json"),
+    "sliding window": (["--ckpt", "{sliding}", "--prompt", "hi", "--method", "full", "--max-new-tokens", "20"],
+                       "sliding-window attention"),
+    "prompt too long": (["--ckpt", "{ckpt}", "--prompt", "x" * 600], "longer than the model's context"),
+    "unknown method": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "magic"], "unknown method"),
+    "unknown dtype": (["--ckpt", "{ckpt}", "--prompt", "hi", "--dtype", "int3"], "unknown dtype"),
+    "empty prompt": (["--ckpt", "{ckpt}", "--prompt", "  "], "empty"),
+    "missing prompt file": (["--ckpt", "{ckpt}", "--prompt-file", "{tmp}/none.txt"], "not found"),
+    "budget within window": (["--ckpt", "{ckpt}", "--prompt", "hi", "--budget", "32"], "--budget > --window"),
+    "budget within sinks": (["--ckpt", "{ckpt}", "--prompt", "hi", "--method", "streamingllm", "--budget", "16",
+                             "--sink", "16"], "--budget > --sink"),
+    "no pages": (["--ckpt", "{ckpt}", "--prompt", "hi", "--reload-pages", "0"], "--reload-pages must be >= 1"),
+    "no reload capacity": (["--ckpt", "{ckpt}", "--prompt", "hi", "--reload-capacity", "0"],
+                           "--reload-capacity must be >= 1"),
+}
+if not torch.cuda.is_available():
+    BAD_INPUTS["cuda without cuda"] = (["--ckpt", "{ckpt}", "--prompt", "hi", "--device", "cuda"], "CUDA")
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, tmp_path, capsys):
+    """In-process (main(), as the script calls it): a subprocess per case would spend its time importing."""
+    no_tok = write_checkpoint(tmp_path / "no_tok")
+    (no_tok / "tokenizer.json").unlink()
+    unknown = write_checkpoint(tmp_path / "unknown", dict(TINY, architectures=["Nope"], model_type="nope"))
+    sliding = write_checkpoint(tmp_path / "sliding", dict(TINY, architectures=["MistralForCausalLM"],
+                                                          model_type="mistral", sliding_window=8))
+    args, message = BAD_INPUTS[case]
+    args = [a.format(tmp=tmp_path, ckpt=tiny_ckpt, no_tok=no_tok, unknown=unknown, sliding=sliding) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        tc.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("error:") and message in err
+    assert len(err.strip().splitlines()) == 1
