@@ -316,20 +316,32 @@ def rotate(x, positions, inv_freq, inverse=False):
 class KeySketch:
     """What ranks one layer's evicted pages, kept in fast memory (ShadowKV's observation: keys before
     RoPE are low-rank): per (sequence, KV head), the pre-RoPE evicted keys projected on their top `rank`
-    principal directions, the coordinates in 4 bits. A key is approximated as RoPE(coords @ basis) at its
-    position."""
-    coords: torch.Tensor     # (B, Hkv, E, rank // 2) uint8: 4-bit symmetric codes, two a byte
-    scale: torch.Tensor      # (B, Hkv, 1, rank): one per coordinate, code 8 + c / scale in [1, 15]
-    basis: torch.Tensor      # (B, Hkv, rank, D): orthonormal rows
-    positions: torch.Tensor  # (B, Hkv, E) int32: each evicted token's position (int16 would halve it, but
-                             # inductor's CPU kernels do not vectorize int16 -> float: 4x slower scoring)
+    principal directions, each token's coordinates in 4 bits, each page's mean coordinates and position
+    in float32. A key is approximated as RoPE(coords @ basis) at its position, a page as page_size copies
+    of RoPE(mean coords @ basis) at its mean position."""
+    coords: torch.Tensor          # (B, Hkv, E, rank // 2) uint8: 4-bit symmetric codes, two a byte
+    scale: torch.Tensor           # (B, Hkv, 1, rank): one per coordinate, code 8 + c / scale in [1, 15]
+    basis: torch.Tensor           # (B, Hkv, rank, D): orthonormal rows
+    positions: torch.Tensor       # (B, Hkv, E) int32: each evicted token's position (int16 would halve it,
+                                  # but inductor's CPU kernels do not vectorize int16 -> float: 4x slower)
+    page_coords: torch.Tensor     # (B, Hkv, P, rank): the mean coordinates of each page's tokens
+    page_positions: torch.Tensor  # (B, Hkv, P): their mean position
 
     @property
     def nbytes(self):
-        return sum(t.nbytes for t in (self.coords, self.scale, self.basis, self.positions))
+        return sum(t.nbytes for t in (self.coords, self.scale, self.basis, self.positions, self.page_coords,
+                                      self.page_positions))
 
 
-def sketch_keys(k, positions, inv_freq, rank=16):
+def page_means(x, page_size):
+    """x (..., E, c) -> (..., P, c): the mean over each page of page_size tokens (the last may hold fewer)."""
+    E = x.shape[-2]
+    P = -(-E // page_size)
+    count = (torch.arange(P * page_size, device=x.device) < E).view(P, page_size).sum(-1)  # (P,)
+    return F.pad(x, (0, 0, 0, P * page_size - E)).unflatten(-2, (P, page_size)).sum(-2) / count[:, None]
+
+
+def sketch_keys(k, positions, inv_freq, page_size, rank=16):
     """KeySketch of the evicted keys k (B, Hkv, E, D) (post-RoPE) at positions (B, Hkv, E)."""
     pre = rotate(k, positions, inv_freq, inverse=True).double()
     _, vectors = torch.linalg.eigh(pre.transpose(-1, -2) @ pre)  # ascending eigenvalues of the Gram matrix
@@ -337,14 +349,8 @@ def sketch_keys(k, positions, inv_freq, rank=16):
     coords = (pre @ basis.transpose(-1, -2)).float()  # (B, Hkv, E, r)
     scale = coords.abs().amax(-2, keepdim=True).clamp(min=1e-30) / 7
     codes = (coords / scale).round().clamp(-7, 7).to(torch.uint8) + 8
-    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32))
-
-
-def sketched_keys(sketch, rows, kv_heads, inv_freq):
-    """The approximate post-RoPE evicted keys of the pairs (rows[i], kv_heads[i]): (n, E, D) float32."""
-    scale, basis = sketch.scale[rows, kv_heads], sketch.basis[rows, kv_heads]  # (n, 1, r), (n, r, D)
-    coords = (unpack(sketch.coords[rows, kv_heads], 4, scale.shape[-1]).float() - 8) * scale  # (n, E, r)
-    return rotate(coords @ basis, sketch.positions[rows, kv_heads], inv_freq)
+    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32), page_means(coords, page_size),
+                     page_means(positions.float()[..., None], page_size)[..., 0])
 
 
 def all_pages(q_grouped, evicted_len):
@@ -353,25 +359,46 @@ def all_pages(q_grouped, evicted_len):
     return tokens, torch.ones_like(tokens, dtype=torch.bool)
 
 
-def top_pages(q_grouped, keys, lse_kept, heads, n_pages, page_size, evicted_len):
-    """The n_pages pages of page_size evicted tokens that hold the most estimated attention, per pair.
-
-    q_grouped (n, G, D): the query heads of each pair's KV head; keys (n, E', D): approximate evicted keys;
-    lse_kept (n, G): each head's lse over the kept cache; heads (n, G): the heads that recompute. A page's
-    weight for a head is its estimated share of the head's whole attention (kept + evicted), summed over
-    the recomputing heads. -> tokens (n, n_pages x page_size) in position order, visible (same shape):
-    False on the last page's empty slots."""
-    n, G, D = q_grouped.shape
-    P = -(-evicted_len // page_size)
-    logits = (q_grouped.float() @ keys[:, :evicted_len].transpose(-1, -2)) / math.sqrt(D)  # (n, G, E)
-    logits = F.pad(logits, (0, P * page_size - evicted_len), value=float("-inf"))
-    page_lse = logits.unflatten(-1, (P, page_size)).logsumexp(-1)  # (n, G, P)
-    total = torch.logaddexp(lse_kept, page_lse.logsumexp(-1))  # (n, G)
-    weight = (torch.exp(page_lse - total[..., None]) * heads[..., None]).sum(1)  # (n, P)
-    pages = weight.topk(min(n_pages, P), dim=-1).indices.sort(-1).values  # (n, N)
+def page_tokens(pages, page_size, evicted_len):
+    """pages (n, M) -> their tokens (n, M x page_size), clamped to the evicted set, and visible (same
+    shape): False on the last page's empty slots."""
     tokens = (pages[..., None] * page_size + torch.arange(page_size, device=pages.device)).flatten(1)
-    visible = tokens < evicted_len
-    return tokens.clamp(max=evicted_len - 1), visible
+    return tokens.clamp(max=evicted_len - 1), tokens < evicted_len
+
+
+def page_weights(page_lse, lse_kept, heads):
+    """(n, P): each page's estimated share of each recomputing head's whole attention (kept + the pages
+    scored), summed over the heads. page_lse (n, G, P) estimated log-mass; lse_kept, heads (n, G)."""
+    total = torch.logaddexp(lse_kept, page_lse.logsumexp(-1))  # (n, G)
+    return (torch.exp(page_lse - total[..., None]) * heads[..., None]).sum(1)
+
+
+def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_size, inv_freq):
+    """The n_pages pages of page_size evicted tokens that hold the most estimated attention, per pair
+    (rows[i], kv_heads[i]), in two passes so that the cost does not grow with the evicted set: every page
+    by its mean key, then the tokens of the 4 x n_pages best pages one by one.
+
+    q_grouped (n, G, D): the query heads of each pair's KV head; lse_kept (n, G): each head's lse over the
+    kept cache; heads (n, G): the heads that recompute. -> tokens (n, n_pages x page_size) in position
+    order and visible, as page_tokens gives them."""
+    D = q_grouped.shape[-1]
+    q = q_grouped.float() / math.sqrt(D)
+    basis, positions = sketch.basis[rows, kv_heads], sketch.positions[rows, kv_heads]  # (n, r, D), (n, E)
+    E, P = positions.shape[1], sketch.page_positions.shape[-1]
+    mean_keys = rotate(sketch.page_coords[rows, kv_heads] @ basis, sketch.page_positions[rows, kv_heads], inv_freq)
+    count = (torch.arange(P * page_size, device=q.device) < E).view(P, page_size).sum(-1)  # (P,)
+    coarse = q @ mean_keys.transpose(-1, -2) + count.log()  # (n, G, P): estimated log-mass of each page
+    shortlist = page_weights(coarse, lse_kept, heads).topk(min(4 * n_pages, P), dim=-1).indices  # (n, M)
+
+    tokens, visible = page_tokens(shortlist, page_size, E)  # (n, M x page_size)
+    scale = sketch.scale[rows, kv_heads]  # (n, 1, r)
+    codes = sketch.coords[rows, kv_heads].gather(1, tokens[..., None].expand(-1, -1, sketch.coords.shape[-1]))
+    coords = (unpack(codes, 4, scale.shape[-1]).float() - 8) * scale  # (n, M x page_size, r)
+    keys = rotate(coords @ basis, positions.gather(1, tokens), inv_freq)
+    logits = (q @ keys.transpose(-1, -2)).masked_fill(~visible[:, None], float("-inf"))
+    fine = logits.unflatten(-1, (-1, page_size)).logsumexp(-1)  # (n, G, M): the shortlist, token by token
+    best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), dim=-1).indices  # (n, N) of the M
+    return page_tokens(shortlist.gather(1, best).sort(-1).values, page_size, E)
 
 
 # -------------------------------------------------------------------------------------- 5. decoding
@@ -453,7 +480,7 @@ class CaliDropCache:
                     if config.reload_pages is not None and config.reload_pages * config.page_size < layer.evicted_len:
                         if inv_freq is None:
                             raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
-                        layer.sketch = sketch_keys(k_evicted, evicted, inv_freq)
+                        layer.sketch = sketch_keys(k_evicted, evicted, inv_freq, config.page_size)
             layers.append(layer)
         return cls(config, L, layers, store, recorder.layers[0].window_q.shape[:2], inv_freq)
 
@@ -512,10 +539,9 @@ class CaliDropCache:
         if state.sketch is None:
             tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each
         else:
-            heads = recompute.view(B, Hkv, -1)[rows, kv_heads]  # (n, G)
-            keys = sketched_keys(state.sketch, rows, kv_heads, self.inv_freq)
-            tokens, visible = top_pages(q_grouped, keys, lse_kept.view(B, Hkv, -1)[rows, kv_heads], heads,
-                                        self.config.reload_pages, self.config.page_size, state.evicted_len)
+            tokens, visible = top_pages(state.sketch, rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
+                                        recompute.view(B, Hkv, -1)[rows, kv_heads], self.config.reload_pages,
+                                        self.config.page_size, self.inv_freq)
         visible = visible & needed[:, None]
         k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
         out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)

@@ -1,7 +1,7 @@
 """The page-sparse recompute and the decode step without host syncs (calidrop.py sections 4 and 5), against
 independent computations (CPU, fp32, the tiny random Llama of conftest.py):
   - the key sketch recovers low-rank pre-RoPE keys within its 4-bit rounding, at the bytes it reports;
-  - the page ranking equals a naive loop over pages and heads;
+  - the two-pass page ranking equals a naive loop over pages, tokens and heads;
   - a page-sparse recompute is exact attention over the pages it reads (found by trying every page set),
     and those are the pages the ranking picks; reading every page is the dense recompute, bit for bit;
   - a reload capacity of every KV head is the unbounded rule, bit for bit; a smaller one recomputes the
@@ -42,54 +42,81 @@ def rope(x, positions, theta=10000.0):
     return out
 
 
-def naive_page_weights(q, keys, lse_kept, heads, page_size):
-    """[pair][page]: for each recomputing head, the page's exp-score mass over the head's whole attention
-    (kept + every evicted page), summed over the heads; plain loops."""
-    n, G, d = q.shape
-    E = keys.shape[1]
-    weights = []
-    for i in range(n):
-        pages = [range(s, min(s + page_size, E)) for s in range(0, E, page_size)]
-        per_page = [0.0] * len(pages)
-        for g in range(G):
-            if not heads[i, g]:
-                continue
-            mass = [sum(math.exp(float(q[i, g] @ keys[i, t]) / math.sqrt(d)) for t in page) for page in pages]
-            total = math.exp(float(lse_kept[i, g])) + sum(mass)
-            per_page = [w + m / total for w, m in zip(per_page, mass)]
-        weights.append(per_page)
+def naive_weights(log_mass, lse_kept, heads):
+    """[page]: for each recomputing head, the page's share of the head's whole attention (kept + the pages
+    given), summed over the heads; log_mass [head][page]. Plain loops."""
+    weights = [0.0] * len(log_mass[0])
+    for g, masses in enumerate(log_mass):
+        if heads[g]:
+            total = math.exp(lse_kept[g]) + sum(math.exp(m) for m in masses)
+            weights = [w + math.exp(m) / total for w, m in zip(weights, masses)]
     return weights
+
+
+def top(weights, k, among=None):
+    """The k best of `among` (default: all) by weight, asserting no near tie at the cut."""
+    ranked = sorted(among if among is not None else range(len(weights)), key=lambda p: -weights[p])
+    if len(ranked) > k:
+        assert weights[ranked[k - 1]] - weights[ranked[k]] > 1e-7, "near tie: choose another seed"
+    return ranked[:k]
+
+
+def naive_top_pages(sketch, b, h, q, lse_kept, heads, n_pages, page_size):
+    """calidrop.top_pages for one pair, from the sketch's tensors with plain loops and this file's rope:
+    every page by its mean key (page_size copies), then the 4 x n_pages best token by token."""
+    d = q.shape[-1]
+    basis = sketch.basis[b, h].double()
+    coords = (calidrop.unpack(sketch.coords[b, h], 4, basis.shape[0]).double() - 8) * sketch.scale[b, h, 0].double()
+    positions = sketch.positions[b, h]
+    E = len(positions)
+    pages = [list(range(s, min(s + page_size, E))) for s in range(0, E, page_size)]
+    mean_keys = rope(sketch.page_coords[b, h].double() @ basis, sketch.page_positions[b, h])
+    coarse = [[float(q[g].double() @ mean_keys[p]) / math.sqrt(d) + math.log(len(pages[p])) for p in range(len(pages))]
+              for g in range(len(q))]
+    shortlist = top(naive_weights(coarse, lse_kept, heads), min(4 * n_pages, len(pages)))
+    keys = rope(coords @ basis, positions)
+    fine = [[math.log(sum(math.exp(float(q[g].double() @ keys[t]) / math.sqrt(d)) for t in pages[p]))
+             for p in shortlist] for g in range(len(q))]
+    weights = naive_weights(fine, lse_kept, heads)
+    return sorted(shortlist[i] for i in top(weights, n_pages))
 
 
 def test_key_sketch_recovers_low_rank_pre_rope_keys():
     g = torch.Generator().manual_seed(0)
-    B, H, E, d, r = 2, 2, 40, 16, 4
+    B, H, E, d, r, page_size = 2, 2, 40, 16, 4, 16  # 3 pages, the last of 8 tokens
     pre = torch.randn(B, H, E, r, generator=g) @ torch.randn(B, H, r, d, generator=g)  # rank 4 before RoPE
     positions = torch.stack([torch.randperm(300, generator=g)[:E].sort().values for _ in range(B * H)]).view(B, H, E)
-    keys = rope(pre, positions)
     inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
-    sketch = calidrop.sketch_keys(keys, positions, inv_freq, rank=r)
-    rows, kv_heads = torch.arange(B).repeat_interleave(H), torch.arange(H).repeat(B)
-    approx = calidrop.sketched_keys(sketch, rows, kv_heads, inv_freq).view(B, H, E, d)
-    # each coordinate is off by at most half its 4-bit step and the basis is orthonormal
-    bound = math.sqrt(r) * sketch.scale.amax(-1) / 2  # (B, H, 1)
-    assert ((approx - keys).norm(dim=-1) <= bound + 1e-4).all()
-    assert (approx - keys).norm(dim=-1).mean() > 1e-3  # the codes really are 4 bits
-    # what it holds: 4 bits per coordinate, a scale per coordinate, the basis, an int32 position per token
-    assert sketch.nbytes == B * H * (E * r // 2 + r * 4 + r * d * 4 + E * 4)
+    sketch = calidrop.sketch_keys(rope(pre, positions), positions, inv_freq, page_size, rank=r)
+    basis = sketch.basis.double()
+    assert torch.allclose(basis @ basis.transpose(-1, -2), torch.eye(r, dtype=torch.float64), atol=1e-6)
+    exact = pre.double() @ basis.transpose(-1, -2)  # the keys' true coordinates: they span the basis
+    assert torch.allclose(exact @ basis, pre.double(), atol=1e-4)
+    coords = (calidrop.unpack(sketch.coords, 4, r).double() - 8) * sketch.scale.double()
+    assert ((coords - exact).abs() <= sketch.scale / 2 + 1e-5).all()  # half a 4-bit step at most
+    assert (coords - exact).abs().mean() > 1e-3  # and they really are 4 bits
+    for p, s in enumerate(range(0, E, page_size)):  # each page's mean coordinates and position, unrounded
+        assert torch.allclose(sketch.page_coords[:, :, p].double(), exact[:, :, s:s + page_size].mean(2), atol=1e-5)
+        assert torch.allclose(sketch.page_positions[:, :, p].double(), positions[:, :, s:s + page_size].double().mean(2))
+    # what it holds: 4 bits a coordinate, a scale a coordinate, the basis, an int32 position a token, and
+    # each page's mean coordinates and position in float32
+    assert sketch.nbytes == B * H * (E * r // 2 + r * 4 + r * d * 4 + E * 4 + 3 * (r + 1) * 4)
 
 
-def test_top_pages_matches_a_naive_page_ranking():
+def test_top_pages_matches_a_naive_two_pass_ranking():
     g = torch.Generator().manual_seed(1)
-    n, G, d, E, page_size, n_pages = 3, 2, 16, 37, 8, 2  # 5 pages, the last one of 5 tokens
-    q, keys = torch.randn(n, G, d, generator=g), torch.randn(n, E, d, generator=g)
-    lse_kept = torch.randn(n, G, generator=g) + 3
+    B, H, G, d, E, page_size, n_pages = 1, 3, 2, 16, 157, 4, 3  # 40 pages, the last of 1 token; 12 shortlisted
+    keys = torch.randn(B, H, E, d, generator=g)
+    positions = torch.stack([torch.randperm(400, generator=g)[:E].sort().values for _ in range(H)])[None]
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    sketch = calidrop.sketch_keys(keys, positions, inv_freq, page_size, rank=8)
+    rows, kv_heads = torch.zeros(H, dtype=torch.long), torch.arange(H)
+    q, lse_kept = torch.randn(H, G, d, generator=g) * 2, torch.randn(H, G, generator=g) + 3
     heads = torch.tensor([[True, True], [True, False], [False, True]])
-    tokens, visible = calidrop.top_pages(q, keys, lse_kept, heads, n_pages, page_size, E)
-    for i, weights in enumerate(naive_page_weights(q, keys, lse_kept, heads, page_size)):
-        ranked = sorted(range(len(weights)), key=lambda p: -weights[p])
-        assert weights[ranked[1]] - weights[ranked[2]] > 1e-6  # no near tie
-        expected = [t for p in sorted(ranked[:n_pages]) for t in range(p * page_size, (p + 1) * page_size)]
+    tokens, visible = calidrop.top_pages(sketch, rows, kv_heads, q, lse_kept, heads, n_pages, page_size, inv_freq)
+    for i in range(H):
+        pages = naive_top_pages(sketch, 0, i, q[i], lse_kept[i].tolist(), heads[i].tolist(), n_pages, page_size)
+        expected = [t for p in pages for t in range(p * page_size, (p + 1) * page_size)]
         assert visible[i].tolist() == [t < E for t in expected]
         assert tokens[i][visible[i]].tolist() == [t for t in expected if t < E]
 
@@ -122,10 +149,9 @@ def test_paged_recompute_attends_exactly_the_pages_it_reads(model):
                             and torch.allclose(scores.logsumexp(-1), state.hist_lse[b, heads].double(), atol=1e-5)):
                         matches.append(pages)
                 assert len(matches) == 1, (layer, b, h, matches)
-                keys = calidrop.sketched_keys(state.sketch, torch.tensor([b]), torch.tensor([h]), cache.inv_freq)
-                weights = naive_page_weights(q[None], keys, lse_kept[layer][b, heads][None],
-                                             torch.ones(1, HQ // HKV, dtype=torch.bool), page_size)[0]
-                assert tuple(sorted(sorted(range(P), key=lambda p: -weights[p])[:n_pages])) == matches[0]
+                chosen = naive_top_pages(state.sketch, b, h, q, lse_kept[layer][b, heads].tolist(),
+                                         [True] * (HQ // HKV), n_pages, page_size)
+                assert tuple(chosen) == matches[0]
     assert (cache.reload_tokens == n_pages * page_size).all()  # one recompute per pair, its pages' tokens
     assert cache.stats(L + 1)["reload_bytes_per_token"] == N_LAYERS * 2 * HKV * n_pages * page_size * 2 * D * 4
     assert E > n_pages * page_size

@@ -44,11 +44,14 @@ def reload_pages(variant, args):
 
 
 def check_variant(variant):
-    """A UsageError for a name that is not VARIANTS[i][+offload][@N|@all]."""
+    """A UsageError for a name that is not one of VARIANTS, with +int8-offload or +ott-offload on a
+    recomputing one, and @N or @all."""
     name, _, pages = variant.partition("@")
-    if name not in VARIANTS or (pages and pages != "all" and not (pages.isdigit() and int(pages) > 0)):
+    base, _, store = name.partition("+")
+    if (base not in VARIANTS or store not in ("", "int8-offload", "ott-offload")
+            or (pages and pages != "all" and not (pages.isdigit() and int(pages) > 0))):
         raise UsageError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)}, optionally with "
-                         f"@N or @all pages per recompute)")
+                         f"+int8-offload or +ott-offload, and @N or @all pages per recompute)")
 
 
 def make_store(kind, device):
