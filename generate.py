@@ -228,6 +228,16 @@ def run(args):
         "decode_tokens_per_s": len(step_s) / decode_s if step_s else None,
         **cache_stats(cache, len(ids) + fed),
     }
+    add_derived(stats, model, device)
+    report(stats)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def add_derived(stats, model, device):
+    """What follows from the measured stats: bytes read per token (fast memory and host link), the bandwidth
+    achieved, the compression ratio and, on CUDA, the peak memory."""
     read = bytes_read_per_token(stats, weight_bytes(model))
     stats["bytes_read_per_token"] = read["fast"] + read["link"]
     stats["link_bytes_per_token"] = read["link"]
@@ -236,10 +246,6 @@ def run(args):
     stats["compression_ratio"] = stats["kv_bytes_full"] / stats["kv_bytes_kept"]
     if device.type == "cuda":
         stats["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    report(stats)
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
 
 
 def report(s):

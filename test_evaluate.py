@@ -231,12 +231,21 @@ def test_frontier_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path):
     assert evict[0]["kl"] > 0
     assert all(a["gpu_tokens_per_s"] > b["gpu_tokens_per_s"] for a, b in zip(evict, evict[1:]))
     assert all(p["reload_bytes_per_token"] == 0 for p in evict + [points["snapkv 64 calibrate"]])
-    plain, int8, two_bit = (points[f"snapkv 64 calidrop{o}"] for o in ("", "+int8-offload", "+ott-offload"))
-    assert plain["fast_bytes"] == int8["fast_bytes"] == two_bit["fast_bytes"] == (64 + M) * per_token + calibration
+    # every page as computed, 2 of the 8 pages in int8 (the key sketch in fast memory), every page in 2 bits
+    plain, int8, two_bit = (points[f"snapkv 64 calidrop{o}"] for o in ("@all", "+int8-offload@2", "+ott-offload@all"))
+    E, r, D, Hkv = C - 64, args.head_dim, args.head_dim, args.n_kv_heads  # rank 16 = head_dim here
+    sketch = args.n_layers * Hkv * (E * r // 2 + r * 4 + r * D * 4 + E * 4 + E // 16 * (r + 1) * 4)
+    assert plain["fast_bytes"] == two_bit["fast_bytes"] == (64 + M) * per_token + calibration
+    assert int8["selection_bytes"] == sketch and int8["fast_bytes"] == plain["fast_bytes"] + sketch
     assert plain["offloaded_bytes"] == (C - 64) * per_token
     assert two_bit["offloaded_bytes"] < int8["offloaded_bytes"] < plain["offloaded_bytes"]
-    assert 0 < two_bit["reload_bytes_per_token"] < int8["reload_bytes_per_token"] < plain["reload_bytes_per_token"]
-    assert two_bit["gpu_tokens_per_s"] > int8["gpu_tokens_per_s"] > plain["gpu_tokens_per_s"]
+    assert 0 < int8["reload_bytes_per_token"] < plain["reload_bytes_per_token"]
+    assert 0 < two_bit["reload_bytes_per_token"] < plain["reload_bytes_per_token"]
+    assert int8["reload_share"] < 2 / 8 * 1.01  # at most 2 of the 8 pages per recompute
+    assert {p["theta1"] for p in result["theta1_sweep"]} == set(FRONTIER_QUICK["theta1_sweep"])
+    long = {point_name(p): p for p in result["long_context"]["points"]}
+    assert set(long) == {"full"} | {f"snapkv 64 {v}" for v in FRONTIER_QUICK["long_variants"]}
+    assert long["full"]["kl"] == 0 and long["snapkv 64 evict"]["kl"] > 0
     for p in result["points"]:
         assert {"variant", "method", "budget", "fast_bytes", "offloaded_bytes", "reload_bytes_per_token",
                 "kl", "kl_se", "nll", "nll_se", "gpu_tokens_per_s"} <= set(p)

@@ -110,7 +110,7 @@ def test_calibration_brings_snapkv_at_64_closer_to_the_full_cache(smol):
     evict, cali, exact = continuation_kl(model, ids, 2048, [
         calidrop.CaliDropConfig(method="snapkv", budget=64, calibration=False),
         calidrop.CaliDropConfig(method="snapkv", budget=64),
-        calidrop.CaliDropConfig(method="snapkv", budget=64, theta1=2.0)])
+        calidrop.CaliDropConfig(method="snapkv", budget=64, theta1=2.0, reload_pages=None)])
     assert exact < 1e-4
     assert cali < evict
 

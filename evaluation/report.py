@@ -126,6 +126,23 @@ def frontier_table(result):
         lines.append(f"| {share:.1%} ({share * full * mb:.1f} MB) | {point_name(p)} | {p['kl']:.3f} | "
                      f"{p['fast_bytes'] * mb:.2f} | {p['offloaded_bytes'] * mb:.1f} | "
                      f"{p['reload_bytes_per_token'] * mb:.2f} | {p['gpu_tokens_per_s']:.0f} |")
+    lines += pages_table(result["points"], "### pages a recompute reads (SnapKV): KL, reload per token as a share of "
+                         "the offloaded bytes")
+    sweep = result["theta1_sweep"]
+    if sweep:  # the swept thresholds beside the grid's own (theta1 of the command line)
+        budget, names = sweep[0]["budget"], {p["variant"] for p in sweep}
+        sweep = sweep + [p for p in result["points"] if p["budget"] == budget and p["variant"] in names]
+        lines += ["", f"### theta1 at budget {budget} (SnapKV; theta2 as given)", "",
+                  "| theta1 | variant | KL | NLL | decisions cal/rec/none | reload MB/token |", "|---:|---|---:|---:|---|---:|"]
+        for p in sorted(sweep, key=lambda p: (p["variant"], p["theta1"])):
+            d = p["decisions"]
+            lines.append(f"| {p['theta1']} | {p['variant']} | {p['kl']:.3f} ± {p['kl_se']:.3f} | {p['nll']:.3f} | "
+                         f"{d['calibrate']:.2f}/{d['recompute']:.2f}/{d['none']:.2f} | "
+                         f"{p['reload_bytes_per_token'] * mb:.2f} |")
+    long = result["long_context"]
+    lines += ["", f"### a {long['context']}-token context ({long['segments']} segments, full cache "
+              f"{long['full_kv_bytes'] * mb:.1f} MB)", ""]
+    lines += pages_table(long["points"], "")
     lines += ["", "### every point", "", "| variant | KL | NLL | fast MB | offloaded MB | reload MB/token | GPU tok/s (model) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for p in sorted(result["points"], key=lambda p: p["fast_bytes"]):
@@ -133,6 +150,26 @@ def frontier_table(result):
                      f"{p['fast_bytes'] * mb:.2f} | {p['offloaded_bytes'] * mb:.1f} | "
                      f"{p['reload_bytes_per_token'] * mb:.2f} | {p['gpu_tokens_per_s']:.0f} |")
     return lines + [""]
+
+
+def pages_table(points, title):
+    """A row per (budget, variant without its pages), a column per page count: KL and reload share."""
+    rows = {}
+    for p in points:
+        if p["method"] is not None and "@" in p["variant"]:
+            name, _, pages = p["variant"].partition("@")
+            rows.setdefault((p["budget"], name), {})[pages] = p
+    columns = sorted({c for r in rows.values() for c in r}, key=lambda c: (c == "all", int(c) if c != "all" else 0))
+    lines = [title, ""] if title else []
+    lines += ["| budget | variant | evict | " + " | ".join(f"{c} pages" for c in columns) + " | sketch MB |",
+              "|---:|---|---:|" + "---:|" * len(columns) + "---:|"]
+    evict = {p["budget"]: f"{p['kl']:.3f}" for p in points if p["variant"] == "evict" and p["method"] == "snapkv"}
+    for (budget, name), by_pages in sorted(rows.items()):
+        cells = [f"{by_pages[c]['kl']:.3f} ({100 * by_pages[c]['reload_share']:.1f} %)" if c in by_pages else ""
+                 for c in columns]
+        sketch = max(p["selection_bytes"] for p in by_pages.values()) * 2**-20
+        lines.append(f"| {budget} | {name} | {evict.get(budget, '')} | " + " | ".join(cells) + f" | {sketch:.2f} |")
+    return lines
 
 
 def plot(task, result, settings, path):

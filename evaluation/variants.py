@@ -37,10 +37,12 @@ def offload(variant):
 
 def reload_pages(variant, args):
     """Pages a recompute of the variant reads per KV head (None: all). The OTT store reads a whole layer
-    (its groups and outlier pools span it), so its variants always read every page."""
+    (its groups and outlier pools span it), so its variants always read every page; recompute-all is the
+    exactness check, so it does too."""
     name, _, pages = variant.partition("@")
     pages = pages or args.reload_pages
-    return None if pages in (None, "all") or offload(variant) == "ott" else int(pages)
+    exact = offload(variant) == "ott" or name == "recompute-all"
+    return None if pages in (None, "all") or exact else int(pages)
 
 
 def check_variant(variant):

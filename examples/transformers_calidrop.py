@@ -288,13 +288,11 @@ def run(args):
         "calibration": config is not None and config.calibration,
         "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
         "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
-        "prefill_s": prefill_s, "decode_s": decode_s,
+        "prefill_s": prefill_s, "compile_s": 0.0, "decode_s": decode_s,
         "decode_tokens_per_s": fed / decode_s if fed > 0 else None,
         **cache_stats(cache, len(ids) + fed),
     }
-    stats["compression_ratio"] = stats["kv_bytes_full"] / stats["kv_bytes_kept"]
-    if device.type == "cuda":
-        stats["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    cli.add_derived(stats, model, device)
     cli.report(stats)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
