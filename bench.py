@@ -15,17 +15,27 @@ compiled something) are left out. tokens/s = timed steps / their total time; "st
 "8k" is 8192 minus --new-tokens (8064): the default model's context is 8192. The peer's steps are
 timed by a stopping criterion that transformers calls once per new token (its first call ends the prefill).
 
---compile: one compiled step per kind of row (full, eviction, calibrate-only), with the full cache's length
-made symbolic, so that each graph is compiled once per run and reused by every length and method (a cold
-compile of the 30-layer step takes 1-2 minutes on 2 CPU cores). Compiled rows
-decode --compile-new-tokens tokens. Rows that can recompute are not compiled unless --compile-recompute:
-calidrop.py decides the reload with a host sync inside every layer, which splits the step into hundreds
-of graphs. On CUDA the rows without recompute use mode="reduce-overhead" (CUDA graphs).
+--compile: one compiled step per kind of row (full, eviction, calibrate-only, CaliDrop), each with
+fullgraph=True (calidrop.py's recompute has shapes that do not depend on its decisions: no host sync in a
+step), the full cache's length made symbolic, so that each graph is compiled once per run and reused by
+every length and method (a cold compile of the 30-layer step takes 1-2 minutes on 2 CPU cores). Compiled
+rows decode --compile-new-tokens tokens. On CUDA the rows that do not recompute use mode="reduce-overhead"
+(CUDA graphs).
 
-Bytes read per token = the weights (each parameter tensor once; a tied embedding is read by the lm_head)
-+ the cache slots the attention reads (the whole preallocated buffer: future slots are masked, not
-skipped) + the calibration state + (recompute rows) the evicted K/V reloaded that step. GB/s = bytes
-per token x tokens/s; "% bw" compares it with a plain tensor-sum bandwidth measured at start.
+CaliDrop's row is the default configuration: the page-sparse recompute (--reload-pages of --page-size
+tokens per KV head), unbounded unless --reload-capacity. On random weights the cosine rule means nothing
+(almost every head is stale), so with --random-weights the row forces a rate instead: exactly
+--recompute-heads KV heads per layer-step recompute (default a quarter of them), printed as the row's name.
+
+--batch 1,8,32 decodes that many copies of each prompt together; the paper's throughput setting is
+`--lengths 1k --new-tokens 128 --budget 128 --batch 1,8,32`.
+
+Bytes read per token (all sequences of a step) = fast memory: the weights (each parameter tensor once; a
+tied embedding is read by the lm_head) + the cache slots the attention reads (the whole preallocated
+buffer: future slots are masked, not skipped) + the calibration state + the key sketch of each KV head
+that recomputed; and the host link: the evicted K/V reloaded (on CPU the same memory). GB/s = bytes per
+token x tokens/s; "% bound" = the time those bytes need at the bandwidths measured at start (a plain
+tensor sum; on CUDA pinned host-to-device copies for the link), over the step's time.
 
 Peak memory: on CPU the bytes of the row's tensors (weights + everything its cache holds); on CUDA
 torch.cuda.max_memory_allocated over the row's decode, less what other rows hold at that moment.
@@ -47,7 +57,7 @@ import torch
 
 import calidrop
 from benchmark.rows import Steps, make_variants, peer_row, run_row, shared_prefill
-from common import (TextCodec, UsageError, kjv_verses, kv_bytes_per_token, log, resolve_checkpoint, resolve_device,
+from common import (TextCodec, UsageError, count_or_all, kjv_verses, kv_bytes_per_token, log, resolve_checkpoint, resolve_device,
                     run_cli, synchronize, weight_bytes)
 from model import CheckpointError, ModelArgs, RANDOM_CONFIGS, load_model, random_model, read_config
 
@@ -119,9 +129,9 @@ def measure_bandwidth(device, nbytes):
 
 # ------------------------------------------------------------------------------------------ report
 
-COLUMNS = ("row", "mode", "prefill s", "step ms", "tok/s", "x full", "MB/tok", "GB/s", "% bw", "peak MB",
-           "kept MB", "offl MB", "calib KB", "recompute")
-WIDTHS = (30, 7, 9, 8, 7, 6, 7, 6, 5, 8, 8, 8, 8, 20)
+COLUMNS = ("row", "mode", "prefill s", "step ms", "tok/s", "x full", "fast MB", "link MB", "GB/s", "% bound",
+           "peak MB", "kept MB", "offl MB", "calib KB", "recompute")
+WIDTHS = (32, 7, 9, 8, 7, 6, 7, 7, 6, 7, 8, 8, 8, 8, 20)
 
 
 def fmt(x, spec):
@@ -136,7 +146,8 @@ def format_row(r, full_tps):
         extra = r.get("recompute_cost_ms")
         recompute = f"{100 * r['recompute_step_rate']:.0f}%" + (f" {extra:+.0f}ms" if extra is not None else "")
     cells = (r["row"], r["mode"], fmt(r["prefill_s"], ".2f"), fmt(r["step_ms"], ".1f"), fmt(tps, ".2f"),
-             fmt(ratio, ".2f"), fmt(r["bytes_per_token"] / MB, ".0f"), fmt(r.get("gb_per_s"), ".1f"),
+             fmt(ratio, ".2f"), fmt(r["fast_bytes_per_token"] / MB, ".0f"), fmt(r["link_bytes_per_token"] / MB, ".2f"),
+             fmt(r.get("gb_per_s"), ".1f"),
              fmt(r.get("bound_fraction") and 100 * r["bound_fraction"], ".0f"),
              fmt(r["peak_memory_bytes"] / MB, ".0f"), fmt(r["kv_bytes_kept"] / MB, ".2f"),
              fmt(r["kv_bytes_offloaded"] / MB, ".1f"), fmt(r["calibration_bytes"] / 1e3, ".1f"), recompute)
@@ -147,9 +158,10 @@ def header():
     return " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(COLUMNS, WIDTHS)))
 
 
-def best(rows, length, name):
+def best(rows, length, name, batch=1):
     """The faster of a row's eager and compiled runs: (tokens/s, mode, row)."""
-    cands = [r for r in rows if r["length"] == length and r["row"] == name and r.get("tokens_per_s")]
+    cands = [r for r in rows if r["length"] == length and r["row"] == name and r.get("tokens_per_s")
+             and r.get("batch", 1) == batch]
     if not cands:
         return None
     r = max(cands, key=lambda r: r["tokens_per_s"])
@@ -176,21 +188,34 @@ def targets(rows, args, variants, lengths):
                      f"  -- target >= 1.2x at 1.5k (checked at {', '.join(map(str, near))}): "
                      f"{'met' if ok_short else 'NOT met'}; >= 1.5x at {longest}: {'met' if ok_long else 'NOT met'}")
         result["full_vs_transformers"] = {str(L): r for L, (r, _) in ratios.items()}
-    # 2. calibrate-only vs full and vs eviction at the longest prompt
+    # 2. calibrate-only and CaliDrop vs full and vs eviction: at the longest prompt and near 1.5k
     L = max(lengths)
     full = best(rows, L, "full")
+    short = min(lengths, key=lambda n: abs(n - 1536))
     for method in args.methods:
         ev, cal = best(rows, L, f"{method} evict"), best(rows, L, f"{method} calidrop -1")
         if full and ev and cal:
             vs_full, vs_ev = cal[0] / full[0], cal[0] / ev[0]
-            r_bound = cal[2]["bytes_per_token"] and full[2]["bytes_per_token"] / cal[2]["bytes_per_token"]
             lines.append(f"{method} @ {L}: calibrate-only (theta1=-1) {cal[0]:.2f} tok/s [{cal[1]}] = "
-                         f"{vs_full:.2f}x full (target >= 1.5x: {'met' if vs_full >= 1.5 else 'NOT met'}; "
-                         f"bytes bound {r_bound:.2f}x), {vs_ev:.2f}x eviction {ev[0]:.2f} tok/s [{ev[1]}] "
+                         f"{vs_full:.2f}x full (target >= 1.5x: {'met' if vs_full >= 1.5 else 'NOT met'}), "
+                         f"{vs_ev:.2f}x eviction {ev[0]:.2f} tok/s [{ev[1]}] "
                          f"(target >= 0.90x: {'met' if vs_ev >= 0.9 else 'NOT met'})")
             result[f"{method}_calibrate_vs_full"] = vs_full
             result[f"{method}_calibrate_vs_evict"] = vs_ev
-    # 3. CaliDrop with recompute: its reloads, and whether it is slower than the full cache
+        v = next((v for v in variants if v.recomputes and v.config.method == method), None)
+        c = v and best(rows, L, v.name)
+        if full and ev and c:
+            vs_full, vs_ev = c[0] / full[0], c[0] / ev[0]
+            lines.append(f"{v.name} @ {L}: {c[0]:.2f} tok/s [{c[1]}] = {vs_full:.2f}x full (target >= 1.3x: "
+                         f"{'met' if vs_full >= 1.3 else 'NOT met'}), {vs_ev:.2f}x eviction (target >= 0.8x: "
+                         f"{'met' if vs_ev >= 0.8 else 'NOT met'})")
+            result[f"{method}_calidrop_vs_full"], result[f"{method}_calidrop_vs_evict"] = vs_full, vs_ev
+        c, f = (v and best(rows, short, v.name)), best(rows, short, "full")
+        if c and f and short != L:
+            lines.append(f"{v.name} @ {short}: {c[0] / f[0]:.2f}x full (target >= 1.0x: "
+                         f"{'met' if c[0] >= f[0] else 'NOT met'})")
+            result[f"{method}_calidrop_vs_full_{short}"] = c[0] / f[0]
+    # 3. CaliDrop's recompute: how often, and what a recompute step costs
     for v in variants:
         if not v.recomputes:
             continue
@@ -200,28 +225,35 @@ def targets(rows, args, variants, lengths):
                 continue
             r = c[2]
             cost = r.get("recompute_cost_ms")
-            slower = c[0] < f[0]
-            lines.append(f"{v.name} @ {L}: recompute on {100 * r['recompute_step_rate']:.0f}% of steps "
+            lines.append(f"{v.name} @ {L} [{c[1]}]: recompute on {100 * r['recompute_step_rate']:.0f}% of steps "
                          f"({100 * r['recompute_layer_rate']:.0f}% of layer-steps, "
-                         f"{100 * r['decisions']['recompute']:.1f}% of head decisions), "
-                         f"{'%+.1f ms' % cost if cost is not None else 'n/a'} per recompute step; "
-                         f"{c[0]:.2f} tok/s [{c[1]}] = {c[0] / f[0]:.2f}x full"
-                         + (": SLOWER than the full cache" if slower else ""))
+                         f"{100 * r['decisions']['recompute']:.1f}% of head decisions, KV heads reloading in "
+                         f"{100 * r['reload_fraction']:.1f}% of layer-steps), "
+                         f"{'%+.1f ms' % cost if cost is not None else 'n/a'} per recompute step, "
+                         f"{r['link_bytes_per_token'] / MB:.2f} MB read back per token")
+    # batched decoding (the paper's throughput setting): tokens/s side by side
+    batches = sorted({r.get("batch", 1) for r in rows})
+    for B in batches if len(batches) > 1 else ():
+        for L in lengths:
+            cells = [(v.name, best(rows, L, v.name, B)) for v in variants]
+            lines.append(f"batch {B} @ {L}: " + ", ".join(f"{n} {b[0]:.1f} tok/s [{b[1]}]" for n, b in cells if b))
     # 4. compile: identical tokens and speedup
     pairs = []
     for L in lengths:
         for v in variants:
             e = [r for r in rows if r["length"] == L and r["row"] == v.name and r["mode"] == "eager"]
-            c = [r for r in rows if r["length"] == L and r["row"] == v.name and r["mode"] == "compile"
-                 and not r.get("skipped")]
-            if e and c:
-                e, c = e[0], c[0]
+            c = [r for r in rows if r["length"] == L and r["row"] == v.name and r["mode"] == "compile"]
+            for e, c in zip(e, c):  # per batch size
                 n = min(len(e["tokens"]), len(c["tokens"]))
                 same = e["tokens"][:n] == c["tokens"][:n]
                 speed = c["tokens_per_s"] / e["tokens_per_s"] if c["tokens_per_s"] and e["tokens_per_s"] else None
                 pairs.append((L, v.name, same, n, speed))
     if pairs:
         n_same = sum(p[2] for p in pairs)
+        fast = [s for L, n, _, _, s in pairs if " calidrop " in n and "-1" not in n and s is not None]
+        if fast:
+            lines.append(f"compiled CaliDrop vs eager: {min(fast):.2f}x at worst (target >= 1.2x: "
+                         f"{'met' if min(fast) >= 1.2 else 'NOT met'})")
         lines.append(f"--compile: greedy tokens identical to eager in {n_same}/{len(pairs)} rows "
                      f"(over the first {pairs[0][3]} tokens)" +
                      "".join(f"; DIFFERS: {n} @ {L}" for L, n, same, _, _ in pairs if not same))
@@ -232,7 +264,8 @@ def targets(rows, args, variants, lengths):
     for v in variants:
         if v.config is None:
             continue
-        kept = {r["length"]: r["kv_bytes_kept"] for r in rows if r["row"] == v.name and r["mode"] == "eager"}
+        kept = {r["length"]: r["kv_bytes_kept"] for r in rows if r["row"] == v.name and r["mode"] == "eager"
+                and r["batch"] == batches[0]}
         if len(set(kept.values())) == 1:
             lines.append(f"{v.name}: kept cache {next(iter(kept.values())) / MB:.2f} MB at every prompt length "
                          f"({', '.join(map(str, sorted(kept)))}): budget-sized")
@@ -270,10 +303,15 @@ def parse_args(argv=None):
     g.add_argument("--no-compile", action="store_true", help="eager rows only")
     g.add_argument("--compile-only", action="store_true", help="compiled rows only")
     p.add_argument("--compile", action="store_true", help="accepted for symmetry: compile rows run by default")
-    p.add_argument("--compile-recompute", action="store_true",
-                   help="also compile the rows that recompute (theta1 > -1): calidrop.py's reload decision is a "
-                        "host sync inside every layer, so the step splits into hundreds of graphs (over 10 "
-                        "minutes of compiling per row on 2 CPU cores); off by default")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (copies of each prompt), e.g. 1,8,32")
+    p.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
+                   help="pages a recompute reads per KV head, or all (default %(default)s)")
+    p.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size)
+    p.add_argument("--reload-capacity", type=int, default=None,
+                   help="KV heads per layer and sequence that may recompute in one step (default: all)")
+    p.add_argument("--recompute-heads", type=int, default=None,
+                   help="force exactly N KV heads per layer-step to recompute (default with --random-weights: a "
+                        "quarter of them; with a checkpoint: the cosine rule)")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers generate row")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
@@ -298,12 +336,19 @@ def check_args(args):
     if args.random_weights and args.ckpt:
         raise UsageError("give --ckpt or --random-weights, not both")
     args.modes = ["eager"] * (not args.compile_only) + ["compile"] * (not args.no_compile)
+    try:
+        args.batches = sorted({int(b) for b in args.batch.split(",") if b})
+    except ValueError:
+        raise UsageError(f"bad --batch {args.batch!r} (e.g. 1,8,32)") from None
+    if not args.batches or min(args.batches) < 1:
+        raise UsageError("--batch sizes must be >= 1")
+    if args.recompute_heads is not None and args.recompute_heads < 1:
+        raise UsageError("--recompute-heads must be >= 1")
     return device, dtype
 
 
 def run(args):
     device, dtype = check_args(args)
-    variants = make_variants(args)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break warnings: counted, not printed
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,6 +370,11 @@ def run(args):
         model_args = read_config(ckpt)
         codec = TextCodec(ckpt)
         prompt = args.prompt or "kjv"
+    if args.random_weights and args.recompute_heads is None:
+        args.recompute_heads = max(1, round(model_args.n_kv_heads / 4))
+    if args.recompute_heads and args.recompute_heads > model_args.n_kv_heads:
+        raise UsageError(f"--recompute-heads must be <= the model's {model_args.n_kv_heads} KV heads")
+    variants = make_variants(args, model_args.n_kv_heads)
     max_prompt = model_args.max_position_embeddings - args.new_tokens
     if max_prompt < 2:
         raise UsageError("--new-tokens leaves no room for a prompt in the model's context")
@@ -360,58 +410,57 @@ def run(args):
           f"{args.new_tokens} new tokens per eager row, {args.compile_new_tokens} per compiled row, "
           f"{args.warmup} warm-up steps; budget {args.budget}")
     print(f"memory bandwidth (plain tensor sum): {bw['sum_gb_s']:.1f} GB/s (copy: {bw['copy_gb_s']:.1f} GB/s "
-          f"read + write); '% bw' below is GB/s over the sum's", flush=True)
+          f"read + write); '% bound' below is the time the bytes need at that rate over the step's", flush=True)
     if "h2d_pinned_gb_s" in bw:
         print(f"host to device: {bw['h2d_pageable_gb_s']:.1f} GB/s from pageable memory, "
               f"{bw['h2d_pinned_gb_s']:.1f} GB/s from pinned memory (where OffloadStore keeps the evicted K/V)",
               flush=True)
 
+    bounds = {"fast": bw["sum_gb_s"], "link": bw.get("h2d_pinned_gb_s", bw["sum_gb_s"])}
     rows = []
     h2o = "h2o" in args.methods
     max_new = max(args.new_tokens if "eager" in args.modes else 0,
                   args.compile_new_tokens if "compile" in args.modes else 0)
     with torch.inference_mode():
         for L in lengths:
-            t_length = time.perf_counter()
-            shared = shared_prefill(model, ids_all[:L], max_new, h2o, args.window, device, dtype)
-            print(f"\nprompt {L} tokens: prefill {shared.prefill_s:.2f} s ({L / shared.prefill_s:.0f} tokens/s)")
-            print(header(), flush=True)
-            full_tps = {}
-            for variant in variants:
-                for mode in args.modes:
-                    if mode == "compile" and variant.recomputes and not args.compile_recompute:
-                        rows.append({"length": L, "row": variant.name, "mode": mode, "skipped": True})
-                        print(f"{variant.name:<30} {mode:<7} not compiled (graph break per layer: "
-                              f"see --compile-recompute)", flush=True)
-                        continue
-                    row = run_row(variant, mode, shared, model, steps, args, device, wbytes, bw["sum_gb_s"])
-                    if variant.config is None:
-                        full_tps[mode] = row["tokens_per_s"]
-                    if variant.recomputes:
-                        base = [r for r in rows if r["length"] == L and r["mode"] == mode
-                                and r["row"] == f"{variant.config.method} calidrop -1"]
-                        ref = base[0]["step_ms"] if base else row.get("plain_step_ms")
-                        if row.get("recompute_step_ms") is not None and ref is not None:
-                            row["recompute_cost_ms"] = row["recompute_step_ms"] - ref
+            for B in args.batches:
+                t_length = time.perf_counter()
+                shared = shared_prefill(model, ids_all[:L], B, max_new, h2o, args.window, device, dtype)
+                print(f"\nprompt {L} tokens x batch {B}: prefill {shared.prefill_s:.2f} s "
+                      f"({B * L / shared.prefill_s:.0f} tokens/s)")
+                print(header(), flush=True)
+                full_tps = {}
+                for variant in variants:
+                    for mode in args.modes:
+                        row = run_row(variant, mode, shared, model, steps, args, device, wbytes, bounds)
+                        if variant.config is None:
+                            full_tps[mode] = row["tokens_per_s"]
+                        if variant.recomputes:
+                            base = [r for r in rows if r["length"] == L and r["batch"] == B and r["mode"] == mode
+                                    and r["row"] == f"{variant.config.method} calidrop -1"]
+                            ref = base[0]["step_ms"] if base else row.get("plain_step_ms")
+                            if row.get("recompute_step_ms") is not None and ref is not None:
+                                row["recompute_cost_ms"] = row["recompute_step_ms"] - ref
+                        rows.append(row)
+                        print(format_row(row, full_tps.get(mode)), flush=True)
+                del shared
+                if peer is not None and B == 1:
+                    row = peer_row(peer, torch.tensor([ids_all[:L]], device=device), args, bounds,
+                                   kv_bytes_per_token(model_args, dtype))
+                    full = [r for r in rows if r["length"] == L and r["batch"] == 1 and r["row"] == "full"
+                            and r["mode"] == "eager"]
+                    if full:
+                        n = min(len(full[0]["tokens"]), len(row["tokens"]))
+                        agree = next((i for i in range(n) if full[0]["tokens"][i] != row["tokens"][i]), n)
+                        row["tokens_agree_with_full_eager"] = agree
                     rows.append(row)
-                    print(format_row(row, full_tps.get(mode)), flush=True)
-            del shared
-            if peer is not None:
-                row = peer_row(peer, torch.tensor([ids_all[:L]], device=device), args, bw["sum_gb_s"],
-                               kv_bytes_per_token(model_args, dtype))
-                full = [r for r in rows if r["length"] == L and r["row"] == "full" and r["mode"] == "eager"]
-                if full:
-                    n = min(len(full[0]["tokens"]), len(row["tokens"]))
-                    agree = next((i for i in range(n) if full[0]["tokens"][i] != row["tokens"][i]), n)
-                    row["tokens_agree_with_full_eager"] = agree
-                rows.append(row)
-                print(format_row(row, full_tps.get("eager")), flush=True)
-            firsts = [f"{r['row']} {r['first_step_s']:.1f} s" for r in rows
-                      if r["length"] == L and r["mode"] == "compile" and "first_step_s" in r]
-            if firsts:
-                print("first compiled step (compile time included): " + ", ".join(firsts))
-            print(f"({time.perf_counter() - t_length:.0f} s for this length, {time.perf_counter() - t_start:.0f} s "
-                  f"so far)", flush=True)
+                    print(format_row(row, full_tps.get("eager")), flush=True)
+                firsts = [f"{r['row']} {r['first_step_s']:.1f} s" for r in rows
+                          if r["length"] == L and r["batch"] == B and r["mode"] == "compile" and "first_step_s" in r]
+                if firsts:
+                    print("first compiled step (compile time included): " + ", ".join(firsts))
+                print(f"({time.perf_counter() - t_length:.0f} s for this length, {time.perf_counter() - t_start:.0f} s "
+                      f"so far)", flush=True)
 
     lines, result = targets(rows, args, variants, lengths)
     wall = time.perf_counter() - t_start
@@ -426,7 +475,9 @@ def run(args):
 
     out = {"meta": {"ckpt": str(ckpt) if ckpt else None, "random_weights": args.random_weights,
                     "device": str(device), "dtype": str(dtype), "threads": threads, "prompt": prompt,
-                    "lengths": lengths, "methods": args.methods, "budget": args.budget, "theta1": args.theta1,
+                    "lengths": lengths, "batches": args.batches, "methods": args.methods, "budget": args.budget,
+                    "theta1": args.theta1, "reload_pages": args.reload_pages, "page_size": args.page_size,
+                    "reload_capacity": args.reload_capacity, "recompute_heads": args.recompute_heads,
                     "theta2": args.theta2, "new_tokens": args.new_tokens,
                     "compile_new_tokens": args.compile_new_tokens, "warmup": args.warmup, "modes": args.modes,
                     "torch": torch.__version__, "python": platform.python_version(),

@@ -18,7 +18,7 @@ q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (mo
 """
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -328,9 +328,12 @@ class KeySketch:
     page_positions: torch.Tensor  # (B, Hkv, P): their mean position
 
     @property
+    def tensors(self):
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @property
     def nbytes(self):
-        return sum(t.nbytes for t in (self.coords, self.scale, self.basis, self.positions, self.page_coords,
-                                      self.page_positions))
+        return sum(t.nbytes for t in self.tensors)
 
 
 def page_means(x, page_size):

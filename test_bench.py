@@ -70,3 +70,26 @@ def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ck
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and message in err
+
+
+def test_forced_recompute_rate_batch_and_compile(tiny_ckpt, tmp_path):
+    """--recompute-heads 1: exactly one of the 2 KV heads per layer-step recomputes, and with 2 pages of 8
+    tokens each it reads back 2 layers x 16 tokens x K and V x 16 x fp32 per sequence and step. Batched rows
+    repeat the prompt, so every sequence decodes the batch-1 tokens. Compiled rows (fullgraph, the
+    recompute included) decode the eager tokens."""
+    out = bench.run(bench.parse_args(["--ckpt", str(tiny_ckpt), "--prompt", "random", "--lengths", "48",
+                                      "--methods", "snapkv", "--budget", "16", "--window", "4", "--sink", "4",
+                                      "--recompute-heads", "1", "--reload-pages", "2", "--page-size", "8",
+                                      "--batch", "1,2", "--no-peer", "--new-tokens", "6", "--compile-new-tokens", "6",
+                                      "--warmup", "1", "--json", str(tmp_path / "bench.json")]))
+    rows = {(r["batch"], r["row"], r["mode"]): r for r in out["rows"]}
+    assert all(r["bytes_check"] == [] for r in out["rows"])  # the key sketch's bytes included
+    forced = "snapkv calidrop forced 1/2"
+    for B in (1, 2):
+        r = rows[B, forced, "eager"]
+        assert r["reload_fraction"] == 0.5 and r["recompute_layer_rate"] == 1.0
+        assert r["link_bytes_per_token"] == B * 2 * 16 * 2 * 16 * 4
+        assert r["fast_bytes_per_token"] > rows[B, "snapkv calidrop -1", "eager"]["fast_bytes_per_token"]  # the sketch
+        for name in ("full", "snapkv evict", "snapkv calidrop -1", forced):
+            assert rows[B, name, "compile"]["tokens"] == rows[B, name, "eager"]["tokens"] == rows[1, name, "eager"]["tokens"]
+    assert all(c["identical"] for c in out["targets"]["compile"])

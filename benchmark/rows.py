@@ -22,15 +22,25 @@ class Variant:
         return self.config is not None and self.config.recomputes
 
 
-def make_variants(args):
+def make_variants(args, n_kv_heads):
+    """The rows: the full cache, then per method eviction, calibrate-only (theta1 = -1) and CaliDrop with
+    the page-sparse recompute. With --recompute-heads N, CaliDrop's cosine rule is replaced by a fixed
+    rate (on random weights the cosine means nothing): every head is stale (theta1 > 1) and the reload
+    capacity lets exactly N of the n_kv_heads KV heads per layer-step recompute."""
     variants = [Variant("full", None)]
     for method in args.methods:
-        base = dict(method=method, budget=args.budget, window=args.window, sink=args.sink)
+        base = dict(method=method, budget=args.budget, window=args.window, sink=args.sink,
+                    page_size=args.page_size, reload_pages=args.reload_pages)
+        if args.recompute_heads:
+            name, rule = (f"{method} calidrop forced {args.recompute_heads}/{n_kv_heads}",
+                          dict(theta1=2.0, theta2=args.theta2, reload_capacity=args.recompute_heads))
+        else:
+            name, rule = (f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
+                          dict(theta1=args.theta1, theta2=args.theta2, reload_capacity=args.reload_capacity))
         variants += [
             Variant(f"{method} evict", calidrop.CaliDropConfig(**base, calibration=False)),
             Variant(f"{method} calidrop -1", calidrop.CaliDropConfig(**base, theta1=-1.0, theta2=args.theta2)),
-            Variant(f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
-                    calidrop.CaliDropConfig(**base, theta1=args.theta1, theta2=args.theta2)),
+            Variant(name, calidrop.CaliDropConfig(**base, **rule)),
         ]
     for v in variants:
         if v.config is not None:
@@ -45,7 +55,7 @@ def make_variants(args):
 class Shared:
     """One prefill of one prompt length: what every row of that length starts from."""
     length: int
-    tokens: torch.Tensor
+    tokens: torch.Tensor     # (batch, length)
     full: FullCache          # L + new_tokens slots; the full rows decode in it
     recorder: calidrop.PrefillRecorder
     first: torch.Tensor      # (1, 1) the greedy token from the prompt's last logits
@@ -55,10 +65,11 @@ class Shared:
     values: list = field(default_factory=list)
 
 
-def shared_prefill(model, ids, new_tokens, h2o, window, device, dtype):
-    tokens = torch.tensor([ids], device=device)
-    L = tokens.shape[1]
-    full = FullCache(model.args, 1, L + new_tokens, device, dtype)
+def shared_prefill(model, ids, batch, new_tokens, h2o, window, device, dtype):
+    """batch copies of the prompt ids (batched decoding of equal prompts: the paper's throughput setting)."""
+    tokens = torch.tensor([ids] * batch, device=device)
+    B, L = tokens.shape
+    full = FullCache(model.args, B, L + new_tokens, device, dtype)
     recorder = calidrop.PrefillRecorder(full, window, h2o=h2o)
     synchronize(device)
     t0 = time.perf_counter()
@@ -79,7 +90,7 @@ def cache_tensors(cache):
     sketches = [s.sketch for s in layers if s.sketch is not None]
     return {"kv": [t for s in layers for t in (s.k, s.v)], "offloaded": offloaded,
             "calibration": [t for s in layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None],
-            "selection": [t for s in sketches for t in (s.coords, s.scale, s.basis, s.positions)],
+            "selection": [t for s in sketches for t in s.tensors],
             "other": [t for s in layers for t in (s.slots, s.slot_offset)] + [cache.counts, cache.reloads,
                                                                             cache.reload_tokens]}
 
@@ -124,7 +135,8 @@ def check_bytes(cache, stats):
 class Steps:
     """The decode-step callables: eager, and compiled ones created once and shared by the rows, so that
     one graph serves every prompt length and both methods of a variant (on CPU a cold compile of the
-    30-layer step costs minutes: it must not be paid per row).
+    30-layer step costs minutes: it must not be paid per row). Every step compiles whole (fullgraph):
+    calidrop.py's recompute has shapes that do not depend on its decisions.
 
     The full cache's slot dimension changes with the prompt length: it is marked dynamic, so it is
     symbolic from the first compile. A compressed cache's buffers are budget-sized and its prompt length
@@ -140,12 +152,11 @@ class Steps:
         if mode == "eager":
             return decode_one_token
         full, recomputes = variant.config is None, variant.recomputes
-        # CUDA graphs (reduce-overhead) need a step without host syncs: every row but the recompute ones.
-        cuda_graphs = self.device.type == "cuda" and not recomputes
+        cuda_graphs = uses_cuda_graphs(self.device, variant)
         key = (full, cuda_graphs, recomputes)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
-                                                fullgraph=not recomputes)
+                                                fullgraph=True)
         compiled = self._compiled[key]
         if not full:
             return compiled
@@ -164,6 +175,12 @@ class Steps:
         return counters["stats"]["unique_graphs"]
 
 
+def uses_cuda_graphs(device, variant):
+    """CUDA graphs (reduce-overhead) for every compiled row on CUDA but the recomputing ones: their reads
+    come from the offload store in host memory, which a graph cannot capture."""
+    return device.type == "cuda" and not variant.recomputes
+
+
 def prepare_for_cuda_graphs(cache):
     """Cache tensors are mutated in place every step: tell the compiler their addresses never change."""
     held = cache_tensors(cache)
@@ -174,7 +191,7 @@ def prepare_for_cuda_graphs(cache):
 def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False):
     """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
     and, per step, its time, whether something compiled in it, and the layers that reloaded."""
-    token = shared.first.clone()
+    token = shared.first.clone()  # (B, 1)
     pos = torch.tensor([shared.length], device=device)
     tokens, times, compiled, reloads = [token], [], [], []
     counts = cache.counts[..., 1].sum((1, 2)).cpu() if track_reloads else None
@@ -194,7 +211,7 @@ def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=Fals
             now = cache.counts[..., 1].sum((1, 2)).cpu()
             reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
             counts = now
-    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads
+    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads  # the first sequence's tokens
 
 
 def timing_summary(times, compiled, warmup):
@@ -210,7 +227,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
     """Build the row's cache from the shared prefill, decode, and measure."""
     n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
     recomputes = variant.recomputes
-    cuda_graphs = device.type == "cuda" and mode == "compile" and not recomputes
+    cuda_graphs = mode == "compile" and uses_cuda_graphs(device, variant)
     other_bytes = 0
     if variant.config is None:
         cache, compress_s = shared.full, 0.0
@@ -242,19 +259,21 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
     peak = (torch.cuda.max_memory_allocated(device) - other_bytes if device.type == "cuda"
             else wbytes + held_bytes)
 
+    B = shared.tokens.shape[0]
     kv_read = nbytes(held["kv"]) + nbytes(held["calibration"])  # whole buffers: masked slots are read too
-    row = {"length": shared.length, "row": variant.name, "mode": mode, "method": None, "variant": "full",
-           "new_tokens": n_new, "prefill_s": shared.prefill_s + compress_s, "compress_s": compress_s,
-           **timing, "first_step_s": times[0], "decode_wall_s": decode_s, "peak_memory_bytes": peak,
-           "weight_bytes": wbytes,
+    row = {"length": shared.length, "batch": B, "row": variant.name, "mode": mode, "method": None,
+           "variant": "full", "new_tokens": n_new, "prefill_s": shared.prefill_s + compress_s,
+           "compress_s": compress_s, **timing, "first_step_s": times[0], "decode_wall_s": decode_s,
+           "peak_memory_bytes": peak, "weight_bytes": wbytes,
            **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
            "bytes_check": check_bytes(cache, stats), "tokens": tokens}
     if variant.config is not None:
         c = variant.config
         row.update(method=c.method, budget=c.budget, theta1=c.theta1 if c.calibration else None,
-                   theta2=c.theta2 if c.calibration else None,
+                   theta2=c.theta2 if c.calibration else None, reload_pages=c.reload_pages,
+                   reload_capacity=c.reload_capacity,
                    variant="evict" if not c.calibration else "calibrate" if not c.recomputes else "calidrop")
-    reload_bytes = 0.0
+    link = sketch_read = 0.0
     if recomputes:
         valid = [i for i, c in enumerate(compiled) if i >= args.warmup and not c]
         steps_r = [i for i in valid if reloads[i]]
@@ -263,19 +282,28 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         row["recompute_layer_rate"] = sum(len(reloads[i]) for i in valid) / max(len(valid), 1) / model.args.n_layers
         row["recompute_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_r]) if steps_r else None
         row["plain_step_ms"] = 1e3 * statistics.median([times[i] for i in steps_p]) if steps_p else None
-        reload_bytes = cache.reloaded_bytes() / len(times)  # KV-head granular: what was really read
-        row["reload_bytes_per_token"] = reload_bytes
-    row["bytes_per_token"] = wbytes + kv_read + reload_bytes
+        link = cache.reloaded_bytes() / len(times)  # KV-head granular: what was really read
+        # the sketch of each KV head that recomputed (at most: the second pass reads 4N of its pages)
+        sketch_read = stats["kv_bytes_selection"] * stats["reload_fraction"]
+        row["reload_bytes_per_token"] = link
+    # bytes per step, all sequences: fast memory (weights once, the cache buffers, the sketch read) and the
+    # host link (the evicted K/V a recompute reads back; on CPU the same memory)
+    row["fast_bytes_per_token"] = wbytes + kv_read + sketch_read
+    row["link_bytes_per_token"] = link
+    row["bytes_per_token"] = row["fast_bytes_per_token"] + link
     if row["tokens_per_s"]:
-        row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
-        row["bound_fraction"] = row["gb_per_s"] / bw
+        steps_per_s = row["tokens_per_s"]
+        row["tokens_per_s"] = B * steps_per_s  # one token per sequence and step
+        row["gb_per_s"] = row["bytes_per_token"] * steps_per_s / 1e9
+        bound_s = row["fast_bytes_per_token"] / (bw["fast"] * 1e9) + link / (bw["link"] * 1e9)
+        row["bound_fraction"] = bound_s * steps_per_s  # the time the bytes alone need, over the step's
     if variant.config is not None:
         del cache
     return row
 
 
 
-def peer_row(peer, tokens, args, bw, kv_per_token):
+def peer_row(peer, tokens, args, bw, kv_per_token):  # bw: {"fast": GB/s, "link": GB/s}
     """The transformers peer's row, measured as this project's rows are (kv_per_token: K/V bytes per token)."""
     device = peer.device
     if device.type == "cuda":
@@ -293,9 +321,10 @@ def peer_row(peer, tokens, args, bw, kv_per_token):
            "kv_bytes_full": cache_bytes, "kv_bytes_offloaded": 0, "calibration_bytes": 0,
            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - other_bytes
                                  if device.type == "cuda" else peer.weight_bytes + cache_bytes),
-           "bytes_per_token": peer.weight_bytes + kv_per_token * mean_ctx,
-           "tokens": new_tokens, "transformers": peer.version}
+           "bytes_per_token": peer.weight_bytes + kv_per_token * mean_ctx, "link_bytes_per_token": 0.0,
+           "tokens": new_tokens, "transformers": peer.version, "batch": 1}
+    row["fast_bytes_per_token"] = row["bytes_per_token"]
     if row["tokens_per_s"]:
         row["gb_per_s"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
-        row["bound_fraction"] = row["gb_per_s"] / bw
+        row["bound_fraction"] = row["gb_per_s"] / bw["fast"]
     return row
