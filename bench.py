@@ -57,8 +57,8 @@ import torch
 
 import calidrop
 from benchmark.rows import Steps, make_variants, peer_row, run_row, shared_prefill
-from common import (TextCodec, UsageError, count_or_all, kjv_verses, kv_bytes_per_token, log, resolve_checkpoint, resolve_device,
-                    run_cli, synchronize, weight_bytes)
+from common import (CKPT_HELP, TextCodec, UsageError, count_or_all, kjv_verses, kv_bytes_per_token, log,
+                    resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
 from model import CheckpointError, ModelArgs, RANDOM_CONFIGS, load_model, random_model, read_config
 
 MB = 1e6  # decimal, like GB/s
@@ -283,7 +283,7 @@ def targets(rows, args, variants, lengths):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--random-weights", metavar="CONFIG",
                    help=f"random weights at a real shape: a config.json path or {', '.join(RANDOM_CONFIGS)}")
     p.add_argument("--prompt", choices=("kjv", "random"), default=None,

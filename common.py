@@ -65,15 +65,23 @@ def synchronize(device):
 
 # --------------------------------------------------------------------------- checkpoint and tokenizer
 
+CKPT_HELP = ("a checkpoint directory, or one of the real models by name, prepared on first use: smollm2-135m "
+             "(the default), qwen2.5-coder-0.5b")
+
+
 def resolve_checkpoint(ckpt):
-    """The given directory, or the default model, prepared on first use."""
-    if ckpt is not None:
+    """The given directory; or a model of scripts/models.py by name (None: the default, smollm2-135m),
+    downloaded and converted on first use."""
+    if ckpt is not None and Path(ckpt).is_dir():
         return Path(ckpt)
-    from scripts.prepare_smollm2 import prepare
+    from scripts.models import MODELS  # gguf, numpy: only to prepare a model
+    name = ckpt or "smollm2-135m"
+    if name not in MODELS:
+        return Path(ckpt)  # the loader says what is wrong with it
     try:
-        return prepare()
+        return MODELS[name].prepare()
     except RuntimeError as e:
-        raise CheckpointError(f"could not prepare the default model: {e}") from None
+        raise CheckpointError(f"could not prepare {name}: {e}") from None
 
 
 class TextCodec:

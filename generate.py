@@ -15,8 +15,8 @@ import torch
 
 import calidrop
 import ott
-from common import (TextCodec, UsageError, bytes_read_per_token, cache_stats, compiled_graphs, count_or_all, log,
-                    resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
+from common import (CKPT_HELP, TextCodec, UsageError, bytes_read_per_token, cache_stats, compiled_graphs,
+                    count_or_all, log, resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
 from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
@@ -78,8 +78,7 @@ def sample(logits, temperature, top_k, generator):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="HF Llama checkpoint directory (default: SmolLM2-135M-Instruct, "
-                                  "prepared on first use)")
+    p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")

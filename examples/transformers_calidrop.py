@@ -179,15 +179,14 @@ def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
 # so it runs from here.
 
 import generate as cli  # noqa: E402
-from common import (TextCodec, UsageError, cache_stats, count_or_all, log, resolve_checkpoint,  # noqa: E402
+from common import (CKPT_HELP, TextCodec, UsageError, cache_stats, count_or_all, log, resolve_checkpoint,  # noqa: E402
                     run_cli, synchronize)
 from model import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a transformers causal LM directory with tokenizer.json (default: "
-                                  "SmolLM2-135M-Instruct, prepared on first use)")
+    p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
