@@ -236,8 +236,9 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
     else:
         synchronize(device)
         t0 = time.perf_counter()
+        # eager and compiled rows: the same room, so the same shapes
         cache = calidrop.CaliDropCache.from_prefill(variant.config, shared.keys, shared.values, shared.recorder,
-                                                    shared.room, inv_freq=model.inv_freq)  # eager and compiled rows: the same shapes
+                                                    shared.room, inv_freq=model.inv_freq)
         synchronize(device)
         compress_s = time.perf_counter() - t0
     if cuda_graphs:
