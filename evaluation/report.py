@@ -219,36 +219,49 @@ def plot(task, result, settings, path):
     plt.close(fig)
 
 
+BYTES_PANEL_FAMILIES = ("calibrate", "calidrop@12", "calidrop+int8-offload@12", "calidrop@all",
+                        "calidrop+ott-offload@all")  # besides eviction, the quantized caches and the full cache
+
+
 def plot_frontier(result, path):
-    """KL against fast bytes, against total bytes, and (CaliDrop points) against reload traffic."""
+    """KL against fast bytes and against total bytes (eviction, the quantized caches and the main CaliDrop
+    variants), and the CaliDrop variants against their reload traffic, one line per budget and store as
+    the pages read grow."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), layout="constrained")
     families = {}
     for p in result["points"]:
         families.setdefault(family(p), []).append(p)
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(families)}  # 14 lines: 10 colors repeat
+    shown = [n for n in families if n.startswith("evict") or n in ("full", "kivi", "ott") or n in BYTES_PANEL_FAMILIES]
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(shown)}
     mb = 2 ** -20
     for ax, key, label in ((axes[0], "fast_bytes", "fast bytes per sequence (MB)"),
                            (axes[1], "total_bytes", "fast + offloaded bytes per sequence (MB)")):
-        for name, ps in families.items():
-            ps = sorted(ps, key=lambda p: p[key])
+        for name in shown:
+            ps = sorted(families[name], key=lambda p: p[key])
             style = "*" if name == "full" else "s--" if ps[0]["method"] is None else "o-"
             ax.plot([p[key] * mb for p in ps], [p["kl"] for p in ps], style, color=colors[name], label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("KL(full || variant)")
-    axes[0].legend(fontsize="small", ncol=2)
-    markers = {}
+    axes[0].legend(fontsize="small")
+    lines = {}
     for p in result["points"]:
-        if p["reload_bytes_per_token"] > 0:
-            marker = markers.setdefault(p["budget"], "o^sDv"[len(markers) % 5])
-            axes[2].scatter(p["reload_bytes_per_token"] * mb, p["kl"], color=colors[family(p)], marker=marker,
-                            label=point_name(p))
-    axes[2].set_xlabel("reload traffic (MB per token)")
+        if p["reload_bytes_per_token"] > 0 and "ott" not in p["variant"]:
+            base = p["variant"].split("@")[0]
+            lines.setdefault((base, p["budget"]), []).append(p)
+    budgets = sorted({b for _, b in lines})
+    for (base, budget), ps in sorted(lines.items()):
+        ps = sorted(ps, key=lambda p: p["reload_bytes_per_token"])
+        style = ("-" if base.startswith("calidrop") else ":") + ("o" if "int8" not in base else "^")
+        axes[2].plot([p["reload_bytes_per_token"] * mb for p in ps], [p["kl"] for p in ps], style,
+                     color=plt.get_cmap("tab10")(budgets.index(budget)), label=f"{base} @ {budget}")
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("reload traffic (MB per token; 4, 8, 12, 16, 32, all pages)")
     axes[2].set_ylabel("KL(full || variant)")
-    axes[2].legend(fontsize="x-small")
+    axes[2].legend(fontsize="x-small", ncol=2)
     fig.suptitle(f"frontier: {result['context']}-token contexts, {result['segments']} segments")
     fig.savefig(path, dpi=100)
     plt.close(fig)
