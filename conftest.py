@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from tokenizers import AddedToken
 
 import calidrop
-from model import decode_one_token
+from model import FullCache, decode_one_token, prefill
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -118,3 +118,49 @@ def query_at_cosine(h, rho, g):
     u = u / u.norm()
     scale = 1 + torch.rand(1, generator=g, dtype=torch.float64)
     return ((rho * h + math.sqrt(1 - rho * rho) * u) * scale).float()
+
+
+def build_cache(model, prompt, config, max_new_tokens, record_window=None):
+    """Prefill with a recorder, then CaliDropCache.from_prefill directly (no 'fits in budget' shortcut).
+    Returns (last logits, cache, the full prefill cache, the recorder)."""
+    full = FullCache(model.args, prompt.shape[0], prompt.shape[1])
+    recorder = calidrop.PrefillRecorder(full, record_window or config.window, h2o=config.method == "h2o")
+    logits = prefill(model, prompt, recorder)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens,
+                                                inv_freq=model.inv_freq)
+    return logits, cache, full, recorder
+
+
+def kept_positions(cache_k, prompt_k, n):
+    """Prompt positions of the first n kept slots, found by matching keys exactly: (B, H, n) long.
+    gather copies keys bit for bit, and post-RoPE prompt keys are pairwise distinct (values are not)."""
+    eq = (cache_k[:, :, :n, None, :] == prompt_k[:, :, None, :, :]).all(-1)  # (B, H, n, L)
+    assert (eq.sum(-1) == 1).all(), "a kept key matches no (or several) prompt keys"
+    return eq.float().argmax(-1)
+
+
+def top_set(scores, candidates, k):
+    """The k best candidates by score, asserting the k-th and (k+1)-th are clearly apart (no tie)."""
+    ranked = sorted(candidates, key=lambda j: -scores[j])
+    if len(ranked) > k:
+        assert scores[ranked[k - 1]] - scores[ranked[k]] > 1e-5, "near tie: choose another seed"
+    return set(ranked[:k])
+
+
+def layer0_qk(model, tokens):
+    """Post-RoPE queries and keys of layer 0, recomputed from the weights: (B, Hq, L, D), (B, Hkv, L, D)."""
+    B, L = tokens.shape
+    HQ, HKV, D = model.args.n_heads, model.args.n_kv_heads, model.args.head_dim
+    attn, norm = model.layers[0].self_attn, model.layers[0].input_layernorm
+    x = model.embed_tokens.weight[tokens].double()
+    x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+    q = (x @ attn.q_proj.weight.double().T).view(B, L, HQ, D).transpose(1, 2)
+    k = (x @ attn.k_proj.weight.double().T).view(B, L, HKV, D).transpose(1, 2)
+    theta = model.args.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (D/2,)
+    ang = torch.arange(L, dtype=torch.float64)[:, None] * theta  # (L, D/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(t):  # HF rotate-half layout: pairs (i, i + D/2)
+        a, b = t[..., :D // 2], t[..., D // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    return rope(q), rope(k)
