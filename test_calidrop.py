@@ -264,7 +264,7 @@ def test_per_head_decisions(model):
     assert cache.counts[1 - layer].sum() == 0
 
 
-# ---------------------------------------------------------------------- 6. a prompt within the budget
+# ---------------------------------------------------------------------- 5. a prompt within the budget
 
 def test_budget_at_least_prompt_is_full_cache(model):
     L, n = 24, 12
@@ -279,7 +279,7 @@ def test_budget_at_least_prompt_is_full_cache(model):
     torch.testing.assert_close(steps, ref[:, L:], atol=1e-5, rtol=0)
 
 
-# ---------------------------------------------------------------------- 7. batch rows are independent
+# ---------------------------------------------------------------------- 6. batch rows are independent
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o"])
 @pytest.mark.parametrize("theta1,theta2", [(0.7, 0.85), (0.0, 0.2)])
@@ -320,7 +320,7 @@ def test_reload_reads_only_kv_heads_with_a_recomputing_query_head(model):
     assert s["reload_fraction"] == pytest.approx(expected.sum().item() / (N_LAYERS * B * HKV * n), rel=1e-12)
 
 
-# ----------------------------------------------------------------------------------- 8. byte counts
+# ----------------------------------------------------------------------------------- 7. byte counts
 
 @pytest.mark.parametrize("method", calidrop.METHODS)
 @pytest.mark.parametrize("calibration_size", [None, 3])
@@ -383,7 +383,7 @@ def test_cache_holds_what_it_counts(model, method, theta1):
     assert (s["kv_bytes_allocated"], s["calibration_bytes"], s["kv_bytes_offloaded"]) == (kv, calibration, evicted)
 
 
-# ------------------------------------------------------------------------------ 9. calibration_size
+# ------------------------------------------------------------------------------ 8. calibration_size
 
 @pytest.mark.parametrize("method", calidrop.METHODS)
 def test_calibration_size(model, method):
@@ -405,7 +405,7 @@ def test_calibration_size(model, method):
     torch.testing.assert_close(empty, plain, atol=1e-6, rtol=0)
 
 
-# ----------------------------------------------------------------------------------- 10. config check
+# ----------------------------------------------------------------------------------- 9. config check
 
 @pytest.mark.parametrize("kw", [dict(method="bogus"), dict(method="snapkv", budget=32, window=32),
                                 dict(method="snapkv", budget=8, window=32),
