@@ -57,7 +57,7 @@ import torch
 
 import calidrop
 from benchmark.rows import Steps, make_variants, peer_row, run_row, shared_prefill
-from common import (CKPT_HELP, TextCodec, UsageError, count_or_all, kjv_verses, kv_bytes_per_token, log,
+from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, kjv_verses, kv_bytes_per_token, log,
                     resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
 from model import CheckpointError, ModelArgs, RANDOM_CONFIGS, load_model, random_model, read_config
 
@@ -304,11 +304,7 @@ def parse_args(argv=None):
     g.add_argument("--compile-only", action="store_true", help="compiled rows only")
     p.add_argument("--compile", action="store_true", help="accepted for symmetry: compile rows run by default")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (copies of each prompt), e.g. 1,8,32")
-    p.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
-                   help="pages a recompute reads per KV head, or all (default %(default)s)")
-    p.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size)
-    p.add_argument("--reload-capacity", type=int, default=None,
-                   help="KV heads per layer and sequence that may recompute in one step (default: all)")
+    add_reload_args(p)
     p.add_argument("--recompute-heads", type=int, default=None,
                    help="force exactly N KV heads per layer-step to recompute (default with --random-weights: a "
                         "quarter of them; with a checkpoint: the cosine rule)")

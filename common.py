@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+import calidrop
 from model import CheckpointError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +40,18 @@ def count_or_all(text):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
+
+
+def add_reload_args(parser, pages_help="pages of evicted tokens a recompute reads per KV head, or all"):
+    """--reload-pages, --page-size, --reload-capacity: which evicted pages a recompute reads (CaliDropConfig's
+    defaults), the same in every CLI."""
+    config = calidrop.CaliDropConfig
+    parser.add_argument("--reload-pages", type=count_or_all, default=config.reload_pages,
+                        help=f"{pages_help} (default %(default)s)")
+    parser.add_argument("--page-size", type=int, default=config.page_size,
+                        help="evicted tokens per page (default %(default)s)")
+    parser.add_argument("--reload-capacity", type=count_or_all, default=config.reload_capacity,
+                        help="KV heads per layer and sequence that may recompute in one step, or all (default)")
 
 
 def resolve_device(device_name, dtype_name):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import calidrop
-from common import CKPT_HELP, TextCodec, UsageError, count_or_all, log, resolve_checkpoint, resolve_device, run_cli
+from common import CKPT_HELP, TextCodec, UsageError, add_reload_args, log, resolve_checkpoint, resolve_device, run_cli
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
@@ -81,12 +81,7 @@ def parse_args(argv=None):
                    help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     p.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     p.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
-    p.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
-                   help="pages a recompute reads per KV head, or all, for variants without @N (default %(default)s)")
-    p.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size,
-                   help="evicted tokens per page (default %(default)s)")
-    p.add_argument("--reload-capacity", type=count_or_all, default=calidrop.CaliDropConfig.reload_capacity,
-                   help="KV heads per layer and sequence that may recompute in one step, or all (default)")
+    add_reload_args(p, "pages a recompute reads per KV head, or all, for variants without @N")
     return p.parse_args(argv)
 
 

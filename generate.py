@@ -15,8 +15,8 @@ import torch
 
 import calidrop
 import ott
-from common import (CKPT_HELP, TextCodec, UsageError, bytes_read_per_token, cache_stats, compiled_graphs,
-                    count_or_all, log, resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
+from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, bytes_read_per_token, cache_stats,
+                    compiled_graphs, log, resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
 from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
@@ -103,12 +103,7 @@ def parse_args(argv=None):
     g.add_argument("--calibration-size", type=int, default=None,
                    help="offload and calibrate with only this many evicted tokens (default: all)")
     g.add_argument("--offload-quant", default="none", help="storage of CaliDrop's evicted K/V: none, int8, ott")
-    g.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
-                   help="pages of evicted tokens a recompute reads per KV head, or all (default %(default)s)")
-    g.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size,
-                   help="evicted tokens per page (default %(default)s)")
-    g.add_argument("--reload-capacity", type=count_or_all, default=calidrop.CaliDropConfig.reload_capacity,
-                   help="KV heads per layer and sequence that may recompute in one step, or all (default)")
+    add_reload_args(g)
     q = p.add_argument_group("KV-cache quantization (ott.py)")
     q.add_argument("--kv-quant", default="none", help="none, kivi, ott: quantize the whole cache (--method full)")
     q.add_argument("--kv-bits", default="2", help="2 (default), 4, 8, or 16 / none (no quantization)")

@@ -179,7 +179,7 @@ def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
 # so it runs from here.
 
 import generate as cli  # noqa: E402
-from common import (CKPT_HELP, TextCodec, UsageError, cache_stats, count_or_all, log, resolve_checkpoint,  # noqa: E402
+from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, cache_stats, log, resolve_checkpoint,  # noqa: E402
                     run_cli, synchronize)
 from model import CheckpointError  # noqa: E402
 
@@ -202,12 +202,7 @@ def parse_args(argv=None):
     g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
     g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
-    g.add_argument("--reload-pages", type=count_or_all, default=calidrop.CaliDropConfig.reload_pages,
-                   help="pages of evicted tokens a recompute reads per KV head, or all (default %(default)s)")
-    g.add_argument("--page-size", type=int, default=calidrop.CaliDropConfig.page_size,
-                   help="evicted tokens per page (default %(default)s)")
-    g.add_argument("--reload-capacity", type=count_or_all, default=calidrop.CaliDropConfig.reload_capacity,
-                   help="KV heads per layer and sequence that may recompute in one step, or all (default)")
+    add_reload_args(g)
     # generate.py's options that this CLI lacks (sampling, quantization, offload storage, calibration size,
     # compile) at their defaults, so that its checks and stats apply as they are
     return argparse.Namespace(**{**vars(cli.parse_args([])), **vars(p.parse_args(argv))})
