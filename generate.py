@@ -191,24 +191,38 @@ def run(args):
         synchronize(device)
         prefill_s = time.perf_counter() - t0
 
-        new_ids, text, step_s, compiling_s = [], "", [], []
-        for i in range(max_new):
-            new_ids.append(int(token))
-            if new_ids[-1] in codec.stop_ids:
-                break
-            piece = codec.decode(new_ids)
-            print(piece[len(text):], end="", flush=True)
-            text = piece
-            if i == max_new - 1:  # the last sampled token is never fed
-                break
-            pos = torch.tensor([len(ids) + i], device=device)
-            graphs = compiled_graphs()
-            t0 = time.perf_counter()
-            token = sample(step(model, token, pos, cache), args.temperature, args.top_k, generator)
-            synchronize(device)
-            (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
-    print(flush=True)
+        decoded = stream(lambda token, pos: sample(step(model, token, pos, cache), args.temperature, args.top_k,
+                                                   generator), token, len(ids), max_new, codec, device)
+    return finish(args, ckpt, config, model, cache, device, dtype, len(ids), prefill_s, *decoded)
 
+
+def stream(step, token, prompt_len, max_new, codec, device):
+    """Decode up to max_new tokens from `token` (sampled from the prompt's last logits), printing the text as
+    it comes; step(token, pos) -> the next token. Returns the new ids, their text and the seconds of each
+    step, split into the steady ones and those that compiled something."""
+    new_ids, text, step_s, compiling_s = [], "", [], []
+    for i in range(max_new):
+        new_ids.append(int(token))
+        if new_ids[-1] in codec.stop_ids:
+            break
+        piece = codec.decode(new_ids)
+        print(piece[len(text):], end="", flush=True)
+        text = piece
+        if i == max_new - 1:  # the last sampled token is never fed
+            break
+        pos = torch.tensor([prompt_len + i], device=device)
+        graphs = compiled_graphs()
+        t0 = time.perf_counter()
+        token = step(token, pos)
+        synchronize(device)
+        (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
+    print(flush=True)
+    return new_ids, text, step_s, compiling_s
+
+
+def finish(args, ckpt, config, model, cache, device, dtype, prompt_len, prefill_s, new_ids, text, step_s,
+           compiling_s):
+    """The run's stats: printed as the summary, written to --stats-json, returned."""
     fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
     decode_s = sum(step_s)  # the steady state: the steps that compiled something are in compile_s
     stats = {
@@ -217,10 +231,10 @@ def run(args):
         "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
         "calibration": config is not None and config.calibration,
         "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
-        "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
+        "compile": args.compile, "prompt_tokens": prompt_len, "new_tokens": len(new_ids), "text": text,
         "prefill_s": prefill_s, "compile_s": sum(compiling_s), "decode_s": decode_s,
         "decode_tokens_per_s": len(step_s) / decode_s if step_s else None,
-        **cache_stats(cache, len(ids) + fed),
+        **cache_stats(cache, prompt_len + fed),
     }
     add_derived(stats, model, device)
     report(stats)

@@ -25,7 +25,6 @@ In your code (prompts of one length, no padding; examples/README.md says what wa
 The CLI (the second half) takes generate.py's flags, with the same meanings, checks and stats fields.
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -179,7 +178,7 @@ def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
 # so it runs from here.
 
 import generate as cli  # noqa: E402
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, cache_stats, log, resolve_checkpoint,  # noqa: E402
+from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, log, resolve_checkpoint,  # noqa: E402
                     run_cli, synchronize)
 from model import CheckpointError  # noqa: E402
 
@@ -257,40 +256,9 @@ def run(args):
         synchronize(device)
         prefill_s = time.perf_counter() - t0
 
-        new_ids, text = [], ""
-        t0 = time.perf_counter()
-        for i in range(max_new):
-            new_ids.append(int(token))
-            if new_ids[-1] in codec.stop_ids:
-                break
-            piece = codec.decode(new_ids)
-            print(piece[len(text):], end="", flush=True)
-            text = piece
-            if i == max_new - 1:  # the last sampled token is never fed
-                break
-            pos = torch.tensor([len(ids) + i], device=device)
-            token = next_logits(model, token, pos, cache).argmax(-1, keepdim=True)
-        synchronize(device)
-        decode_s = time.perf_counter() - t0
-    print(flush=True)
-
-    fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
-    stats = {  # generate.py's fields, in its order
-        "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
-        "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
-        "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
-        "calibration": config is not None and config.calibration,
-        "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
-        "compile": args.compile, "prompt_tokens": len(ids), "new_tokens": len(new_ids), "text": text,
-        "prefill_s": prefill_s, "compile_s": 0.0, "decode_s": decode_s,
-        "decode_tokens_per_s": fed / decode_s if fed > 0 else None,
-        **cache_stats(cache, len(ids) + fed),
-    }
-    cli.add_derived(stats, model, device)
-    cli.report(stats)
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+        decoded = cli.stream(lambda token, pos: next_logits(model, token, pos, cache).argmax(-1, keepdim=True),
+                             token, len(ids), max_new, codec, device)
+    return cli.finish(args, ckpt, config, model, cache, device, dtype, len(ids), prefill_s, *decoded)
 
 
 def main(argv=None):
