@@ -39,27 +39,30 @@ def task_frontier(model, codec, args, device):
     for bits in spec["quant_bits"]:
         for name, r in data.quantized(model, bits).items():
             points.append(frontier_point(f"{name}-{bits}bit", None, None, r, weights))
-    points += [frontier_point(c["variant"], c["method"], c["budget"], c, weights, theta1=args.theta1)
-               for c in data.configs(model, args, groups, "frontier")]
+    points += config_points(data, model, args, groups, "frontier", weights)
     sweep = []
     for theta1 in spec["theta1_sweep"]:
         swept = argparse.Namespace(**{**vars(args), "theta1": theta1})
         group = [("snapkv", spec["sweep_budget"], spec["sweep_variants"])]
-        sweep += [frontier_point(c["variant"], c["method"], c["budget"], c, weights, theta1=theta1)
-                  for c in data.configs(model, swept, group, f"theta1 {theta1}")]
+        sweep += config_points(data, model, swept, group, f"theta1 {theta1}", weights)
     del data  # the long slice's prefill needs the memory
     long = argparse.Namespace(**{**vars(args), "context": spec["long_context"], "segments": spec["long_segments"]})
     long_data = Continuation(model, codec, long, device, h2o=False)
     group = [("snapkv", spec["long_budget"], spec["long_variants"])]
     long_points = [frontier_point("full", None, None, long_data.full_result, weights)]
-    long_points += [frontier_point(c["variant"], c["method"], c["budget"], c, weights, theta1=args.theta1)
-                    for c in long_data.configs(model, long, group, "long context")]
+    long_points += config_points(long_data, model, long, group, "long context", weights)
     return {"points": points, "theta1_sweep": sweep, "long_context": {
                 "points": long_points, "context": long.context, "segments": long_data.S,
                 "full_kv_bytes": long_data.full_result["kv_bytes_kept"]},
             "weight_bytes": weights, "full_kv_bytes": points[0]["fast_bytes"],
             "hbm_bytes_per_s": HBM_BYTES_PER_S, "link_bytes_per_s": LINK_BYTES_PER_S,
             "segments": args.segments, "context": args.context, "new_tokens": args.new_tokens}
+
+
+def config_points(data, model, args, groups, label, weights):
+    """The frontier points of the (method, budget, variants) groups, decoded on data with args' thresholds."""
+    return [frontier_point(c["variant"], c["method"], c["budget"], c, weights, theta1=args.theta1)
+            for c in data.configs(model, args, groups, label)]
 
 
 def gpu_tokens_per_s(weights, fast, reload):
