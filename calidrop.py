@@ -382,8 +382,8 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     by its mean key, then the tokens of the 4 x n_pages best pages one by one.
 
     q_grouped (n, G, D): the query heads of each pair's KV head; lse_kept (n, G): each head's lse over the
-    kept cache; heads (n, G): the heads that recompute. -> tokens (n, n_pages x page_size) in position
-    order and visible, as page_tokens gives them."""
+    kept cache; heads (n, G): the heads that recompute. -> tokens (n, n_pages x page_size) and visible, as
+    page_tokens gives them, the pages in no particular order (attention does not care)."""
     D = q_grouped.shape[-1]
     q = q_grouped.float() / math.sqrt(D)
     basis, positions = sketch.basis[rows, kv_heads], sketch.positions[rows, kv_heads]  # (n, r, D), (n, E)
@@ -401,7 +401,7 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     logits = (q @ keys.transpose(-1, -2)).masked_fill(~visible[:, None], float("-inf"))
     fine = logits.unflatten(-1, (-1, page_size)).logsumexp(-1)  # (n, G, M): the shortlist, token by token
     best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), dim=-1).indices  # (n, N) of the M
-    return page_tokens(shortlist.gather(1, best).sort(-1).values, page_size, E)
+    return page_tokens(shortlist.gather(1, best), page_size, E)
 
 
 # -------------------------------------------------------------------------------------- 5. decoding
@@ -418,8 +418,10 @@ def reading_pairs(reload, capacity=None):
         rows, kv_heads = reload.nonzero(as_tuple=True)
         return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
     capacity = min(capacity or Hkv, Hkv)
-    kv_heads = reload.float().topk(capacity, dim=1, sorted=False).indices  # (B, C)
     rows = torch.arange(B, device=reload.device).repeat_interleave(capacity)
+    if capacity == Hkv:  # every pair, in order: no ranking needed
+        return rows, torch.arange(Hkv, device=reload.device).repeat(B), reload.flatten()
+    kv_heads = reload.float().topk(capacity, dim=1, sorted=False).indices  # (B, C)
     return rows, kv_heads.flatten(), reload.gather(1, kv_heads).flatten()
 
 
