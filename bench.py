@@ -20,8 +20,8 @@ fullgraph=True (calidrop.py's recompute has shapes that do not depend on its dec
 step), the full cache's length made symbolic, so that each graph is compiled once per run and reused by
 every length and method (a cold compile of the 30-layer step takes 1-2 minutes on 2 CPU cores); only
 CaliDrop's recomputing step, which holds the evicted store, compiles again per length, statically, as
-generate.py --compile does (2-5 minutes each). Compiled rows decode --compile-new-tokens tokens. On CUDA the rows that do not recompute use mode="reduce-overhead"
-(CUDA graphs).
+generate.py --compile does (2-5 minutes each). Compiled rows decode --compile-new-tokens tokens. On CUDA
+the rows that do not recompute use mode="reduce-overhead" (CUDA graphs).
 
 CaliDrop's row is the default configuration: the page-sparse recompute (--reload-pages of --page-size
 tokens per KV head), unbounded unless --reload-capacity. On random weights the cosine rule means nothing

@@ -14,7 +14,8 @@ the whole cache lives behind the attention function. A recompute reads only the 
 of the pre-RoPE keys ranks first (CaliDropConfig.reload_pages), so the cache gets the model's RoPE
 frequencies, from its rotary embedding (`rope_inv_freq`).
 
-In your code (prompts of one length, no padding; examples/README.md says what was tested):
+In your code (prompts of one length, no padding; what was tested: the main README, "Use it in your
+transformers model"):
 
     import calidrop, transformers_calidrop                     # registers attn_implementation="calidrop"
     model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="calidrop")
