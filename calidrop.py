@@ -4,9 +4,9 @@ One file, torch only, to read top to bottom or copy into another project. It fol
   1. attention as an (out, lse) pair and the exact merge of two such pairs        (spec section 3)
   2. eviction scores for StreamingLLM, H2O, SnapKV, PyramidKV and one selection   (section 6)
   3. the prefill: what scoring needs, and the calibration state of the evicted set (section 4)
-  4. the evicted set in pages: a recompute reads only the pages its query needs
-  5. decoding: attend the kept cache, then calibrate, recompute or do nothing     (section 5)
-  6. accounting: decisions, bytes held, bytes read back
+  4. decoding: attend the kept cache, then calibrate, recompute or do nothing     (section 5)
+  5. accounting: decisions, bytes held, bytes read back
+  6. the evicted set in pages: a recompute reads only the pages its query needs
 The cache plugs into a model through one call, `cache.attend(layer, q, k, v, pos)`, with post-RoPE
 q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (model.py's names):
 
@@ -207,9 +207,10 @@ class CaliDropConfig:
     calibration_size: int | None = None  # evicted tokens offloaded and calibrated with (None: all)
     pool_kernel: int = 5
     page_size: int = 16           # evicted tokens per page: the unit a recompute reads
-    reload_pages: int | None = 12       # pages a recompute reads per KV head (None: all, the exact rule)
-    reload_capacity: int | None = None  # KV heads per (layer, sequence) that may recompute in one step
-                                        # (None: all, the paper's rule); the others wait for a later step
+    reload_pages: int | str | None = "auto"  # pages a recompute reads per KV head: "auto" (pages_to_read), a
+                                             # number, or None (every evicted token: the paper's rule)
+    reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute, shared
+                                        # by the batch (None: all, the paper's rule); the others wait
 
     def check(self):
         if self.method not in METHODS:
@@ -236,10 +237,16 @@ class CaliDropConfig:
         if ((theta1 > -1) & (theta1 <= 1) & (theta1 >= theta2)).any():
             raise ValueError("need --theta1 < --theta2, unless --theta1 > 1 (recompute at every step) "
                              "or <= -1 (never recompute)")
-        if self.page_size < 1 or (self.reload_pages is not None and self.reload_pages < 1):
+        if self.page_size < 1 or not (self.reload_pages in (None, "auto") or self.reload_pages >= 1):
             raise ValueError("--page-size and --reload-pages must be >= 1")
         if self.reload_capacity is not None and self.reload_capacity < 1:
             raise ValueError("--reload-capacity must be >= 1")
+
+    @property
+    def exact(self):
+        """theta1 > 1 for every sequence: a recompute at every step over every evicted token, the full cache's
+        output (the exactness check)."""
+        return bool(torch.as_tensor(self.theta1).min() > 1)
 
     @property
     def recomputes(self):
@@ -248,7 +255,260 @@ class CaliDropConfig:
         return self.calibration and bool(torch.as_tensor(self.theta1).max() > -1)
 
 
-# --------------------------------------------------------------------------------- 4. evicted pages
+# -------------------------------------------------------------------------------------- 4. decoding
+
+def reading_pairs(reload, capacity=None):
+    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each, or
+    None for every pair in order.
+
+    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
+    depend on the decisions, so that the step is one graph with no host sync: every pair (None), or with a
+    capacity, `capacity` pairs of the batch, the reloading ones first; a pair that does not need it has
+    needed False and reads a dummy token."""
+    if not torch.compiler.is_compiling():
+        rows, kv_heads = reload.nonzero(as_tuple=True)
+        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
+    B, Hkv = reload.shape
+    if capacity is None or capacity >= B * Hkv:
+        return None
+    pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
+    return pairs // Hkv, pairs % Hkv, reload.flatten()[pairs]
+
+
+def every_pair(reload):
+    """reading_pairs' None spelled out: rows, kv_heads, needed (B x Hkv,) for every pair in order."""
+    B, Hkv = reload.shape
+    rows = torch.arange(B, device=reload.device).repeat_interleave(Hkv)
+    return rows, torch.arange(Hkv, device=reload.device).repeat(B), reload.flatten()
+
+
+AUTO_PAGES, AUTO_SHARE = 12, 1 / 16  # reload_pages "auto": 1/16 of the evicted pages, at least 12
+SKETCH_RANK = 16  # principal directions of the pre-RoPE keys that the key sketch keeps
+
+
+def pages_to_read(config, evicted_len, group, head_dim, offloaded, rank=SKETCH_RANK):
+    """Pages a recompute reads per KV head, or None: every evicted token (the dense recompute, exact).
+
+    theta1 > 1 recomputes at every step to give the full cache's output (the exactness check): every token.
+    A number N: N pages, ranked by the key sketch. "auto" sizes the read to the evicted set, N = max(12,
+    1/16 of its P pages), and reads everything where that costs no more than ranking, counted in multiply-
+    adds per (sequence, KV head) with its G query heads, the keys rebuilt from their rank-r sketch:
+        every token:  E x 2GD                       (q.k and the weighted values)
+        ranking:      (P + M x page_size) x (r + G)D + N x page_size x 2GD
+    (every page's mean key, the M shortlisted pages token by token, then the N pages read). A store
+    offloaded to host memory is read over the host link, whose bytes cost more than this arithmetic: there
+    it ranks."""
+    P = -(-evicted_len // config.page_size)
+    if config.reload_pages is None or config.exact:
+        return None
+    if config.reload_pages != "auto":
+        return config.reload_pages if config.reload_pages < P else None
+    n = max(AUTO_PAGES, math.ceil(P * AUTO_SHARE))
+    if n >= P:
+        return None
+    every = evicted_len * 2 * group * head_dim
+    ranked = (P + shortlist_size(n, P) * config.page_size) * (rank + group) * head_dim + n * config.page_size * 2 * group * head_dim
+    return n if offloaded or ranked < every else None
+
+
+@dataclass
+class Layer:
+    """One layer of the compressed cache."""
+    k: torch.Tensor            # (B, Hkv, kept + new, D): the kept prompt tokens, then the generated ones
+    v: torch.Tensor
+    kept_len: int              # prompt tokens kept per KV head
+    slot_offset: torch.Tensor  # (1,): position pos goes to slot pos + slot_offset (a tensor, so that a
+                               # compiled step does not depend on the prompt length)
+    slots: torch.Tensor        # (kept + new,) slot numbers, to mask the slots not yet written
+    evicted_len: int           # evicted tokens per (sequence, KV head) in the store
+    pages: int | None = None   # pages a recompute reads per KV head (pages_to_read; None: every token)
+    hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
+    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set
+    hist_lse: torch.Tensor | None = None  # (B, Hq) float32: lse_E(hist_q)
+    sketch: "KeySketch | None" = None       # what ranks the evicted pages (with pages)
+
+
+class CaliDropCache:
+    """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens) and
+    the calibration state (Layer); the evicted K/V of every layer in an offload store."""
+
+    def __init__(self, config, prompt_len, layers, store, batch_heads, inv_freq=None):
+        self.config, self.prompt_len, self.layers, self.store = config, prompt_len, layers, store
+        self.inv_freq = inv_freq  # (D/2,) the model's RoPE frequencies: the sketch's keys are rotated
+        self.recomputes = config.recomputes  # once: with per-sequence theta1 tensors it costs a host sync
+        self.counts, self.reloads, self.reload_tokens = new_counters(len(layers), batch_heads, layers[0].k)
+
+    @classmethod
+    def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None, inv_freq=None):
+        """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
+        the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
+        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages)."""
+        config.check()
+        n_layers = len(keys)
+        B, Hkv, L, D = keys[0].shape
+        Hq = recorder.layers[0].window_q.shape[1]
+        if store is None:
+            store = OffloadStore("cpu" if keys[0].device.type == "cuda" else keys[0].device)
+        budgets = (pyramid_budgets(config.budget, n_layers, config.window) if config.method == "pyramidkv"
+                   else [config.budget] * n_layers)
+        layers = []
+        for i in range(n_layers):
+            k, v, recorded = keys[i], values[i], recorder.layers[i]
+            budget = min(budgets[i], L)
+            if budget == L:  # a prompt within the budget is kept whole
+                keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
+            else:
+                keep, evicted = select(SCORERS[config.method](config, k, recorded), budget, config.calibration_size)
+            room = k.new_zeros(B, Hkv, max_new_tokens, D)
+            layer = Layer(torch.cat([gather_tokens(k, keep), room], 2), torch.cat([gather_tokens(v, keep), room], 2),
+                          budget, torch.tensor([budget - L], device=k.device),
+                          torch.arange(budget + max_new_tokens, device=k.device), evicted.shape[2])
+            if config.calibration:
+                # the history: the last prompt query (a copy: the recorder's window is not kept alive)
+                layer.hist_q = recorded.window_q[:, :, -1].clone()
+                k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
+                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted)
+                if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
+                    store.put(i, k_evicted, v_evicted)
+                    layer.pages = pages_to_read(config, layer.evicted_len, Hq // Hkv, D,
+                                                getattr(store, "device", k.device) != k.device)
+                    if layer.pages is not None:
+                        if inv_freq is None:
+                            raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
+                        layer.sketch = sketch_keys(k_evicted, evicted, inv_freq, config.page_size)
+            layers.append(layer)
+        return cls(config, L, layers, store, (B, Hq), inv_freq)
+
+    def attend(self, layer, q, k, v, pos):
+        """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
+        assert q.shape[2] == 1, "a CaliDropCache decodes one token at a time; prefill with the full cache"
+        state = self.layers[layer]
+        slot = pos + state.slot_offset
+        state.k.index_copy_(2, slot, k)
+        state.v.index_copy_(2, slot, v)
+        q = q[:, :, 0]
+        out_kept, lse_kept = attention_with_lse(q, state.k, state.v, state.slots <= slot)
+        return self.calibrated(layer, q, out_kept, lse_kept)[:, :, None]
+
+    def calibrated(self, layer, q, out_kept, lse_kept):
+        """Section 5, per (sequence, query head), with rho = cos(q, hist_q): recompute if rho < theta1, else
+        calibrate if rho > theta2, else nothing (the kept cache's output). q, out_kept (B, Hq, D)."""
+        if not self.config.calibration:
+            none = torch.ones_like(lse_kept, dtype=torch.bool)
+            self.count(layer, calibrate=~none, recompute=~none)
+            return out_kept
+        state = self.layers[layer]
+        rho = F.cosine_similarity(q.float(), state.hist_q.float(), dim=-1)  # (B, Hq)
+        recompute = self.stale_heads(rho) if self.recomputes else torch.zeros_like(rho, dtype=torch.bool)
+        calibrate = ~recompute & (rho > self.config.theta2)
+        if self.recomputes:
+            self.refresh_history(layer, q, lse_kept, recompute)  # recompute: q's history, over the pages read
+        merged, _ = merge(out_kept, lse_kept, state.hist_out, state.hist_lse)
+        self.count(layer, calibrate, recompute)
+        return torch.where((calibrate | recompute)[..., None], merged, out_kept)
+
+    def stale_heads(self, rho):
+        """(B, Hq) bool: the query heads to recompute now. Section 5's rule, rho < theta1, for at most
+        reload_capacity (sequence, KV head) pairs of the whole batch: those whose stalest query head has the
+        lowest cosine; the rest wait for a later step (their heads do nothing now)."""
+        stale = rho < self.config.theta1
+        B, Hq = rho.shape
+        Hkv = self.layers[0].k.shape[1]
+        capacity = self.config.reload_capacity
+        if capacity is None or capacity >= B * Hkv:
+            return stale
+        stalest = rho.masked_fill(~stale, float("inf")).view(B, Hkv, Hq // Hkv).amin(-1).flatten()  # (B x Hkv)
+        allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(0, stalest.topk(capacity, largest=False).indices, True)
+        return stale & allowed.view(B, Hkv).repeat_interleave(Hq // Hkv, 1)
+
+    def refresh_history(self, layer, q, lse_kept, recompute):
+        """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
+        over the evicted tokens it reads back: all of them, or the `pages` pages that the sketch says hold
+        the most of its attention. Only the KV heads with a recomputing query head read anything."""
+        state = self.layers[layer]
+        B, Hq, D = q.shape
+        Hkv = state.k.shape[1]
+        reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
+        pairs = reading_pairs(reload, self.config.reload_capacity)
+        if pairs is None and state.pages is None:  # every token of every pair: attend the store as it lies
+            k, v = (x.to(q.device) for x in self.store.get(layer))  # (B, Hkv, E, D)
+            out, lse = attention_with_lse(q, k, v)  # (B, Hq, D), (B, Hq)
+            self.reload_tokens[layer] += reload * state.evicted_len
+        else:
+            rows, kv_heads, needed = pairs or every_pair(reload)  # (n,) each
+            q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
+            if state.pages is None:
+                tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each
+            else:
+                tokens, visible = top_pages(state.sketch, rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
+                                            recompute.view(B, Hkv, -1)[rows, kv_heads], state.pages,
+                                            self.config.page_size, self.inv_freq)
+            visible = visible & needed[:, None]
+            k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
+            out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
+            out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
+            lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
+            self.reload_tokens[layer].view(-1).index_add_(0, rows * Hkv + kv_heads, visible.sum(-1))
+        state.hist_q = torch.where(recompute[..., None], q, state.hist_q)
+        state.hist_out = torch.where(recompute[..., None], out, state.hist_out)
+        state.hist_lse = torch.where(recompute, lse, state.hist_lse)
+        self.reloads[layer] += reload
+
+    # -------------------------------------------------------------------------------- 5. accounting
+
+    def count(self, layer, calibrate, recompute):
+        """One decision per (sequence, query head) and step: calibrate, recompute or none."""
+        self.counts[layer] += torch.stack([calibrate, recompute, ~(calibrate | recompute)], -1)
+
+    def decisions(self):
+        """Fractions of (sequence, layer, query head, step) cases: calibrate, recompute, none."""
+        total = self.counts.sum(dim=(0, 1, 2)).double()
+        fractions = (total / total.sum().clamp(min=1)).tolist()
+        return dict(zip(("calibrate", "recompute", "none"), fractions))
+
+    def reloaded_bytes(self, rows=slice(None)):
+        """Bytes read back from the offload store so far by the sequences `rows`: the tokens read, at what
+        one stored token (K and V of one sequence and KV head) costs in the store."""
+        total = 0.0
+        for i, state in enumerate(self.layers):
+            n = int(self.reload_tokens[i, rows].sum())
+            if n:
+                B, Hkv = self.reloads.shape[1:]
+                total += n * self.store.nbytes(i) / (B * Hkv * state.evicted_len)
+        return total
+
+    def stats(self, n_tokens):
+        """Byte counts when the cache holds the K/V of n_tokens tokens per sequence (prompt + fed)."""
+        B, Hkv, _, D = self.layers[0].k.shape
+        per_token = 2 * B * Hkv * D * self.layers[0].k.element_size()  # K and V, all sequences, one layer
+        generated = n_tokens - self.prompt_len
+        history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
+        sketches = [s.sketch for s in self.layers if s.sketch is not None]
+        steps = max(generated, 1)
+        return {
+            "kv_bytes_kept": sum(s.kept_len + generated for s in self.layers) * per_token,
+            "kv_bytes_full": len(self.layers) * n_tokens * per_token,
+            "kv_bytes_offloaded": self.store.nbytes(),
+            "calibration_bytes": sum(t.nbytes for t in history),
+            "kv_bytes_selection": sum(s.nbytes for s in sketches),  # fast memory that ranks the pages
+            "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers),
+            "reload_bytes_per_token": self.reloaded_bytes() / steps,  # all sequences of the batch
+            "reload_fraction": self.reloads.sum().item() / (self.reloads.numel() * steps),
+            "decisions": self.decisions(),
+        }
+
+
+def new_counters(n_layers, batch_heads, like):
+    """counts (layers, B, Hq, 3): each case (calibrate, recompute, none) per query head; reloads (layers,
+    B, Hkv): recomputes that read the KV head's evicted tokens; reload_tokens (layers, B, Hkv): tokens read."""
+    B, Hq = batch_heads
+    Hkv = like.shape[1]
+    zeros = functools.partial(torch.zeros, dtype=torch.long, device=like.device)
+    return zeros(n_layers, B, Hq, 3), zeros(n_layers, B, Hkv), zeros(n_layers, B, Hkv)
+
+
+
+# ------------------------------------------------------------------------------- 6. evicted pages
 
 class OffloadStore:
     """Holds each layer's evicted K/V off the fast path: host memory when the model runs on a GPU, pinned,
@@ -344,7 +604,7 @@ def page_means(x, page_size):
     return F.pad(x, (0, 0, 0, P * page_size - E)).unflatten(-2, (P, page_size)).sum(-2) / count[:, None]
 
 
-def sketch_keys(k, positions, inv_freq, page_size, rank=16):
+def sketch_keys(k, positions, inv_freq, page_size, rank=SKETCH_RANK):
     """KeySketch of the evicted keys k (B, Hkv, E, D) (post-RoPE) at positions (B, Hkv, E)."""
     pre = rotate(k, positions, inv_freq, inverse=True).double()
     _, vectors = torch.linalg.eigh(pre.transpose(-1, -2) @ pre)  # ascending eigenvalues of the Gram matrix
@@ -376,10 +636,16 @@ def page_weights(page_lse, lse_kept, heads):
     return (torch.exp(page_lse - total[..., None]) * heads[..., None]).sum(1)
 
 
+def shortlist_size(n_pages, P):
+    """Pages the token-by-token pass ranks to read n_pages: 4 x n_pages up to 12 read, then 36 more than read
+    (the coarse pass errs at its margin, which does not grow with the read)."""
+    return min(n_pages + 3 * min(n_pages, AUTO_PAGES), P)
+
+
 def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_size, inv_freq):
     """The n_pages pages of page_size evicted tokens that hold the most estimated attention, per pair
     (rows[i], kv_heads[i]), in two passes so that the cost does not grow with the evicted set: every page
-    by its mean key, then the tokens of the 4 x n_pages best pages one by one.
+    by its mean key, then the tokens of the shortlist_size best pages one by one.
 
     q_grouped (n, G, D): the query heads of each pair's KV head; lse_kept (n, G): each head's lse over the
     kept cache; heads (n, G): the heads that recompute. -> tokens (n, n_pages x page_size) and visible, as
@@ -391,7 +657,7 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     mean_keys = rotate(sketch.page_coords[rows, kv_heads] @ basis, sketch.page_positions[rows, kv_heads], inv_freq)
     count = (torch.arange(P * page_size, device=q.device) < E).view(P, page_size).sum(-1)  # (P,)
     coarse = q @ mean_keys.transpose(-1, -2) + count.log()  # (n, G, P): estimated log-mass of each page
-    shortlist = page_weights(coarse, lse_kept, heads).topk(min(4 * n_pages, P), dim=-1).indices  # (n, M)
+    shortlist = page_weights(coarse, lse_kept, heads).topk(shortlist_size(n_pages, P), dim=-1).indices  # (n, M)
 
     tokens, visible = page_tokens(shortlist, page_size, E)  # (n, M x page_size)
     scale = sketch.scale[rows, kv_heads]  # (n, 1, r)
@@ -402,211 +668,3 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     fine = logits.unflatten(-1, (-1, page_size)).logsumexp(-1)  # (n, G, M): the shortlist, token by token
     best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), dim=-1).indices  # (n, N) of the M
     return page_tokens(shortlist.gather(1, best), page_size, E)
-
-
-# -------------------------------------------------------------------------------------- 5. decoding
-
-def reading_pairs(reload, capacity=None):
-    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
-
-    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
-    depend on the decisions, so that the step is one graph with no host sync: `capacity` pairs per sequence
-    (all Hkv when None), the reloading ones first; a pair that does not need it has needed False and reads
-    a dummy token."""
-    B, Hkv = reload.shape
-    if not torch.compiler.is_compiling():
-        rows, kv_heads = reload.nonzero(as_tuple=True)
-        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
-    capacity = min(capacity or Hkv, Hkv)
-    rows = torch.arange(B, device=reload.device).repeat_interleave(capacity)
-    if capacity == Hkv:  # every pair, in order: no ranking needed
-        return rows, torch.arange(Hkv, device=reload.device).repeat(B), reload.flatten()
-    kv_heads = reload.float().topk(capacity, dim=1, sorted=False).indices  # (B, C)
-    return rows, kv_heads.flatten(), reload.gather(1, kv_heads).flatten()
-
-
-@dataclass
-class Layer:
-    """One layer of the compressed cache."""
-    k: torch.Tensor            # (B, Hkv, kept + new, D): the kept prompt tokens, then the generated ones
-    v: torch.Tensor
-    kept_len: int              # prompt tokens kept per KV head
-    slot_offset: torch.Tensor  # (1,): position pos goes to slot pos + slot_offset (a tensor, so that a
-                               # compiled step does not depend on the prompt length)
-    slots: torch.Tensor        # (kept + new,) slot numbers, to mask the slots not yet written
-    evicted_len: int           # evicted tokens per (sequence, KV head) in the store
-    hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
-    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set
-    hist_lse: torch.Tensor | None = None  # (B, Hq) float32: lse_E(hist_q)
-    sketch: KeySketch | None = None         # what ranks the evicted pages (None: a recompute reads them all)
-
-
-class CaliDropCache:
-    """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens) and
-    the calibration state (Layer); the evicted K/V of every layer in an offload store."""
-
-    def __init__(self, config, prompt_len, layers, store, batch_heads, inv_freq=None):
-        self.config, self.prompt_len, self.layers, self.store = config, prompt_len, layers, store
-        self.inv_freq = inv_freq  # (D/2,) the model's RoPE frequencies: the sketch's keys are rotated
-        self.recomputes = config.recomputes  # once: with per-sequence theta1 tensors it costs a host sync
-        self.counts, self.reloads, self.reload_tokens = new_counters(len(layers), batch_heads, layers[0].k)
-
-    @classmethod
-    def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None, inv_freq=None):
-        """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
-        the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
-        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages)."""
-        config.check()
-        n_layers = len(keys)
-        B, Hkv, L, D = keys[0].shape
-        if store is None:
-            store = OffloadStore("cpu" if keys[0].device.type == "cuda" else keys[0].device)
-        budgets = (pyramid_budgets(config.budget, n_layers, config.window) if config.method == "pyramidkv"
-                   else [config.budget] * n_layers)
-        layers = []
-        for i in range(n_layers):
-            k, v, recorded = keys[i], values[i], recorder.layers[i]
-            budget = min(budgets[i], L)
-            if budget == L:  # a prompt within the budget is kept whole
-                keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
-            else:
-                keep, evicted = select(SCORERS[config.method](config, k, recorded), budget, config.calibration_size)
-            room = k.new_zeros(B, Hkv, max_new_tokens, D)
-            layer = Layer(torch.cat([gather_tokens(k, keep), room], 2), torch.cat([gather_tokens(v, keep), room], 2),
-                          budget, torch.tensor([budget - L], device=k.device),
-                          torch.arange(budget + max_new_tokens, device=k.device), evicted.shape[2])
-            if config.calibration:
-                # the history: the last prompt query (a copy: the recorder's window is not kept alive)
-                layer.hist_q = recorded.window_q[:, :, -1].clone()
-                k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
-                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted)
-                if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
-                    store.put(i, k_evicted, v_evicted)
-                    if config.reload_pages is not None and config.reload_pages * config.page_size < layer.evicted_len:
-                        if inv_freq is None:
-                            raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
-                        layer.sketch = sketch_keys(k_evicted, evicted, inv_freq, config.page_size)
-            layers.append(layer)
-        return cls(config, L, layers, store, recorder.layers[0].window_q.shape[:2], inv_freq)
-
-    def attend(self, layer, q, k, v, pos):
-        """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
-        assert q.shape[2] == 1, "a CaliDropCache decodes one token at a time; prefill with the full cache"
-        state = self.layers[layer]
-        slot = pos + state.slot_offset
-        state.k.index_copy_(2, slot, k)
-        state.v.index_copy_(2, slot, v)
-        q = q[:, :, 0]
-        out_kept, lse_kept = attention_with_lse(q, state.k, state.v, state.slots <= slot)
-        return self.calibrated(layer, q, out_kept, lse_kept)[:, :, None]
-
-    def calibrated(self, layer, q, out_kept, lse_kept):
-        """Section 5, per (sequence, query head), with rho = cos(q, hist_q): recompute if rho < theta1, else
-        calibrate if rho > theta2, else nothing (the kept cache's output). q, out_kept (B, Hq, D)."""
-        if not self.config.calibration:
-            none = torch.ones_like(lse_kept, dtype=torch.bool)
-            self.count(layer, calibrate=~none, recompute=~none)
-            return out_kept
-        state = self.layers[layer]
-        rho = F.cosine_similarity(q.float(), state.hist_q.float(), dim=-1)  # (B, Hq)
-        recompute = self.stale_heads(rho) if self.recomputes else torch.zeros_like(rho, dtype=torch.bool)
-        calibrate = ~recompute & (rho > self.config.theta2)
-        if self.recomputes:
-            self.refresh_history(layer, q, lse_kept, recompute)  # recompute: q's history, over the pages read
-        merged, _ = merge(out_kept, lse_kept, state.hist_out, state.hist_lse)
-        self.count(layer, calibrate, recompute)
-        return torch.where((calibrate | recompute)[..., None], merged, out_kept)
-
-    def stale_heads(self, rho):
-        """(B, Hq) bool: the query heads to recompute now. Section 5's rule, rho < theta1, for at most
-        reload_capacity KV heads per sequence: those whose stalest query head has the lowest cosine; the
-        rest wait for a later step (their heads do nothing now)."""
-        stale = rho < self.config.theta1
-        B, Hq = rho.shape
-        Hkv = self.layers[0].k.shape[1]
-        capacity = self.config.reload_capacity
-        if capacity is None or capacity >= Hkv:
-            return stale
-        stalest = rho.masked_fill(~stale, float("inf")).view(B, Hkv, Hq // Hkv).amin(-1)  # (B, Hkv)
-        allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(1, stalest.topk(capacity, largest=False).indices, True)
-        return stale & allowed.repeat_interleave(Hq // Hkv, 1)
-
-    def refresh_history(self, layer, q, lse_kept, recompute):
-        """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
-        over the evicted tokens it reads back: all of them, or the reload_pages pages that the sketch says
-        hold the most of its attention. Only the KV heads with a recomputing query head read anything."""
-        state = self.layers[layer]
-        B, Hq, D = q.shape
-        Hkv = state.k.shape[1]
-        reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
-        rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
-        q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
-        if state.sketch is None:
-            tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each
-        else:
-            tokens, visible = top_pages(state.sketch, rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
-                                        recompute.view(B, Hkv, -1)[rows, kv_heads], self.config.reload_pages,
-                                        self.config.page_size, self.inv_freq)
-        visible = visible & needed[:, None]
-        k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
-        out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
-
-        fresh_out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
-        fresh_lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
-        state.hist_q = torch.where(recompute[..., None], q, state.hist_q)
-        state.hist_out = torch.where(recompute[..., None], fresh_out, state.hist_out)
-        state.hist_lse = torch.where(recompute, fresh_lse, state.hist_lse)
-        self.reloads[layer] += reload
-        self.reload_tokens[layer].view(-1).index_add_(0, rows * Hkv + kv_heads, visible.sum(-1))
-
-    # -------------------------------------------------------------------------------- 6. accounting
-
-    def count(self, layer, calibrate, recompute):
-        """One decision per (sequence, query head) and step: calibrate, recompute or none."""
-        self.counts[layer] += torch.stack([calibrate, recompute, ~(calibrate | recompute)], -1)
-
-    def decisions(self):
-        """Fractions of (sequence, layer, query head, step) cases: calibrate, recompute, none."""
-        total = self.counts.sum(dim=(0, 1, 2)).double()
-        fractions = (total / total.sum().clamp(min=1)).tolist()
-        return dict(zip(("calibrate", "recompute", "none"), fractions))
-
-    def reloaded_bytes(self, rows=slice(None)):
-        """Bytes read back from the offload store so far by the sequences `rows`: the tokens read, at what
-        one stored token (K and V of one sequence and KV head) costs in the store."""
-        total = 0.0
-        for i, state in enumerate(self.layers):
-            n = int(self.reload_tokens[i, rows].sum())
-            if n:
-                B, Hkv = self.reloads.shape[1:]
-                total += n * self.store.nbytes(i) / (B * Hkv * state.evicted_len)
-        return total
-
-    def stats(self, n_tokens):
-        """Byte counts when the cache holds the K/V of n_tokens tokens per sequence (prompt + fed)."""
-        B, Hkv, _, D = self.layers[0].k.shape
-        per_token = 2 * B * Hkv * D * self.layers[0].k.element_size()  # K and V, all sequences, one layer
-        generated = n_tokens - self.prompt_len
-        history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
-        sketches = [s.sketch for s in self.layers if s.sketch is not None]
-        steps = max(generated, 1)
-        return {
-            "kv_bytes_kept": sum(s.kept_len + generated for s in self.layers) * per_token,
-            "kv_bytes_full": len(self.layers) * n_tokens * per_token,
-            "kv_bytes_offloaded": self.store.nbytes(),
-            "calibration_bytes": sum(t.nbytes for t in history),
-            "kv_bytes_selection": sum(s.nbytes for s in sketches),  # fast memory that ranks the pages
-            "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers),
-            "reload_bytes_per_token": self.reloaded_bytes() / steps,  # all sequences of the batch
-            "reload_fraction": self.reloads.sum().item() / (self.reloads.numel() * steps),
-            "decisions": self.decisions(),
-        }
-
-
-def new_counters(n_layers, batch_heads, like):
-    """counts (layers, B, Hq, 3): each case (calibrate, recompute, none) per query head; reloads (layers,
-    B, Hkv): recomputes that read the KV head's evicted tokens; reload_tokens (layers, B, Hkv): tokens read."""
-    B, Hq = batch_heads
-    Hkv = like.shape[1]
-    zeros = functools.partial(torch.zeros, dtype=torch.long, device=like.device)
-    return zeros(n_layers, B, Hq, 3), zeros(n_layers, B, Hkv), zeros(n_layers, B, Hkv)

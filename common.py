@@ -42,16 +42,23 @@ def count_or_all(text):
         raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
 
 
-def add_reload_args(parser, pages_help="pages of evicted tokens a recompute reads per KV head, or all"):
+def pages_or_auto(text):
+    """--reload-pages: a count, `all` (None) or `auto`."""
+    return text if text == "auto" else count_or_all(text)
+
+
+def add_reload_args(parser, pages_help="pages of evicted tokens a recompute reads per KV head: a number, all, or "
+                                       "auto (1/16 of the evicted pages, at least 12; all where that costs less)"):
     """--reload-pages, --page-size, --reload-capacity: which evicted pages a recompute reads (CaliDropConfig's
     defaults), the same in every CLI."""
     config = calidrop.CaliDropConfig
-    parser.add_argument("--reload-pages", type=count_or_all, default=config.reload_pages,
+    parser.add_argument("--reload-pages", type=pages_or_auto, default=config.reload_pages,
                         help=f"{pages_help} (default %(default)s)")
     parser.add_argument("--page-size", type=int, default=config.page_size,
                         help="evicted tokens per page (default %(default)s)")
     parser.add_argument("--reload-capacity", type=count_or_all, default=config.reload_capacity,
-                        help="KV heads per layer and sequence that may recompute in one step, or all (default)")
+                        help="(sequence, KV head) pairs per layer-step that may recompute, shared by the batch, "
+                             "or all (default)")
 
 
 def resolve_device(device_name, dtype_name):

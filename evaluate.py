@@ -81,7 +81,8 @@ def parse_args(argv=None):
                    help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     p.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     p.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
-    add_reload_args(p, "pages a recompute reads per KV head, or all, for variants without @N")
+    add_reload_args(p, "pages a recompute reads per KV head (a number, all, or auto: 1/16 of the evicted pages, at "
+                       "least 12; all where that costs less) for variants without @N")
     return p.parse_args(argv)
 
 

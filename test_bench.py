@@ -75,8 +75,10 @@ def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ck
 def test_forced_recompute_rate_batch_and_compile(tiny_ckpt, tmp_path):
     """--recompute-heads 1: exactly one of the 2 KV heads per layer-step recomputes, and with 2 pages of 8
     tokens each it reads back 2 layers x 16 tokens x K and V x 16 x fp32 per sequence and step. Batched rows
-    repeat the prompt, so every sequence decodes the batch-1 tokens. Compiled rows (fullgraph, the
-    recompute included) decode the eager tokens."""
+    decode distinct prompts, the first of them the batch-1 prompt, so the first sequence decodes the batch-1
+    tokens in every row but the forced one (its capacity of 1 x 2 pairs is shared by the batch: the 2 stalest
+    pairs may both be the second sequence's). Compiled rows (fullgraph, the recompute included) decode the
+    eager tokens."""
     out = bench.run(bench.parse_args(["--ckpt", str(tiny_ckpt), "--prompt", "random", "--lengths", "48",
                                       "--methods", "snapkv", "--budget", "16", "--window", "4", "--sink", "4",
                                       "--recompute-heads", "1", "--reload-pages", "2", "--page-size", "8",
@@ -91,5 +93,7 @@ def test_forced_recompute_rate_batch_and_compile(tiny_ckpt, tmp_path):
         assert r["link_bytes_per_token"] == B * 2 * 16 * 2 * 16 * 4
         assert r["fast_bytes_per_token"] > rows[B, "snapkv calidrop -1", "eager"]["fast_bytes_per_token"]  # the sketch
         for name in ("full", "snapkv evict", "snapkv calidrop -1", forced):
-            assert rows[B, name, "compile"]["tokens"] == rows[B, name, "eager"]["tokens"] == rows[1, name, "eager"]["tokens"]
+            assert rows[B, name, "compile"]["tokens"] == rows[B, name, "eager"]["tokens"]
+            if name != forced:
+                assert rows[B, name, "eager"]["tokens"] == rows[1, name, "eager"]["tokens"]
     assert all(c["identical"] for c in out["targets"]["compile"])

@@ -126,7 +126,7 @@ def test_paged_recompute_attends_exactly_the_pages_it_reads(model):
     history of each head is attention over some 2 pages: trying all 28 pairs of pages finds which, and they
     are the 2 that the ranking puts first under the sketch's keys."""
     page_size, n_pages = 4, 2
-    config = cfg("snapkv", theta1=2.0, theta2=-1.0, page_size=page_size, reload_pages=n_pages)
+    config = cfg("snapkv", theta1=1.0, theta2=2.0, page_size=page_size, reload_pages=n_pages)
     tokens = random_tokens(2, L + 1, seed=3)
     _, cache = generate.prefill_and_compress(model, tokens[:, :L], config, 1)
     lse_kept = {}
@@ -172,10 +172,10 @@ def test_reading_every_page_is_the_dense_recompute(model, page_size):
     assert torch.equal(logits[None], logits[every])
 
 
-def test_capacity_of_every_kv_head_is_the_unbounded_rule(model):
+def test_capacity_of_every_pair_of_the_batch_is_the_unbounded_rule(model):
     tokens = random_tokens(2, L + 12, seed=5)
     runs = []
-    for capacity in (None, HKV, 7):
+    for capacity in (None, 2 * HKV, 7):  # 2 sequences: every pair of the batch, or more
         config = cfg("snapkv", theta1=0.0, theta2=0.2, page_size=4, reload_pages=3, reload_capacity=capacity)
         first, cache = generate.prefill_and_compress(model, tokens[:, :L], config, 12)
         runs.append((torch.cat([first[:, None], teacher_force(model, cache, tokens, L)], 1), cache.counts))
@@ -229,3 +229,119 @@ def test_compiled_step_is_one_graph_and_equals_eager(model, theta1, theta2):
         if theta1 > -1:
             assert runs["eager"][1][..., 1].sum() > 0  # it did recompute
     assert counters["stats"]["unique_graphs"] - graphs == (1 if theta1 <= -1 else 2)
+
+
+# ----------------------------------------------------------------- how many pages, and a shared budget
+
+def ranking_cost(E, G, d, page_size, n, rank=16):
+    """Multiply-adds of ranking (every page's mean key, the shortlist token by token, keys rebuilt from a
+    rank-r sketch) and reading n pages, for one (sequence, KV head), written out from CALIDROP's rule."""
+    P = -(-E // page_size)
+    M = min(n + 3 * min(n, 12), P)
+    return P * (rank * d + G * d) + M * page_size * (rank * d + G * d) + n * page_size * 2 * G * d
+
+
+def test_auto_pages_follow_the_evicted_set():
+    """reload_pages "auto" with an offloaded store (the host store of a GPU): 1/16 of the evicted pages, at
+    least 12, never decreasing with the evicted set; every token once that is all pages."""
+    config = calidrop.CaliDropConfig()
+    last = 0
+    for E in range(1, 20000, 37):
+        P = -(-E // 16)
+        n = calidrop.pages_to_read(config, E, 3, 64, offloaded=True)
+        expected = max(12, math.ceil(P / 16))
+        assert n == (expected if expected < P else None)
+        pages = P if n is None else n
+        assert pages >= last
+        last = pages
+    assert calidrop.pages_to_read(config, 16128, 7, 64, offloaded=True) == 63  # Qwen at 16k, budget 256
+
+
+def test_read_all_switch_is_the_stated_cost_rule():
+    """In the compute's memory (CPU), "auto" reads every token exactly when that costs no more multiply-adds
+    than ranking and reading its pages; an explicit count always ranks; theta1 > 1 always reads all."""
+    config = calidrop.CaliDropConfig()
+    switched = {}
+    for G, d in ((3, 64), (7, 64), (4, 128)):
+        for E in range(200, 12000, 53):
+            n = max(12, math.ceil(-(-E // 16) / 16))
+            dense = E * 2 * G * d <= ranking_cost(E, G, d, 16, n)
+            assert calidrop.pages_to_read(config, E, G, d, offloaded=False) == (None if dense else n)
+            switched.setdefault((G, d), []).append(dense)
+            assert calidrop.pages_to_read(calidrop.CaliDropConfig(reload_pages=12), E, G, d, offloaded=False) == 12
+            assert calidrop.pages_to_read(calidrop.CaliDropConfig(theta1=1.5), E, G, d, offloaded=False) is None
+    for flags in switched.values():  # one crossover: short evicted sets read everything, long ones rank
+        assert flags[0] and not flags[-1] and flags == sorted(flags, reverse=True)
+    # the default model's shape (3 query heads per KV head, head_dim 64): 1.5k at budget 256 reads every
+    # token, 8k ranks 31 pages
+    assert calidrop.pages_to_read(config, 1536 - 256, 3, 64, offloaded=False) is None
+    assert calidrop.pages_to_read(config, 8064 - 256, 3, 64, offloaded=False) == 31
+
+
+def test_auto_that_reads_everything_is_the_dense_recompute(model):
+    """Pages of 4 tokens: 8 evicted pages per pair, fewer than auto's 12, and with 2 pages the ranking's cost
+    (the shortlist is every page) is more than reading them all: both give the dense recompute, bit for bit."""
+    tokens = random_tokens(2, L + 8, seed=8)
+    logits = {}
+    for pages in (None, "auto"):
+        first, cache = generate.prefill_and_compress(model, tokens[:, :L], cfg("snapkv", theta1=0.0, theta2=0.2,
+                                                                              page_size=4, reload_pages=pages), 8)
+        assert all(s.pages is None and s.sketch is None for s in cache.layers)
+        logits[pages] = torch.cat([first[:, None], teacher_force(model, cache, tokens, L)], 1)
+    assert torch.equal(logits[None], logits["auto"])
+
+
+def test_shared_capacity_recomputes_the_stalest_pairs_of_the_batch(model):
+    """A capacity of 2 (sequence, KV head) pairs for a batch of 3 sequences x 2 KV heads: the 2 stale pairs
+    with the lowest cosine over the whole batch recompute, whichever sequences they belong to; checked
+    against a sort of every pair, on random cosines."""
+    config = cfg("snapkv", theta1=0.6, theta2=0.85, page_size=4, reload_pages=3, reload_capacity=2)
+    _, cache = generate.prefill_and_compress(model, random_tokens(3, L, seed=9), config, 2)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(20):
+        rho = torch.rand(3, HQ, generator=g) * 2 - 1
+        stale = rho < 0.6
+        pairs = sorted(((float(rho[b, h * 2:h * 2 + 2][stale[b, h * 2:h * 2 + 2]].min()), b, h)
+                        for b in range(3) for h in range(HKV) if stale[b, h * 2:h * 2 + 2].any()))
+        expected = torch.zeros(3, HQ, dtype=torch.bool)
+        for _, b, h in pairs[:2]:
+            expected[b, h * 2:h * 2 + 2] = stale[b, h * 2:h * 2 + 2]
+        assert torch.equal(cache.stale_heads(rho), expected)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_shared_capacity_never_exceeds_its_size(model, compiled):
+    """Decoding a batch of 3 with a capacity of 2 pairs: at every layer-step at most 2 pairs of the batch
+    reload (and read pages), eager and compiled alike; without a capacity more would."""
+    tokens = random_tokens(3, L + 8, seed=10)
+    step = torch.compile(decode_one_token, fullgraph=True) if compiled else decode_one_token
+    reloading = {}
+    for capacity in (None, 2):
+        config = cfg("snapkv", theta1=0.3, theta2=0.85, page_size=4, reload_pages=3, reload_capacity=capacity)
+        _, cache = generate.prefill_and_compress(model, tokens[:, :L], config, 8)
+        per_step = []
+        for t in range(L, L + 8):
+            before = cache.reloads.clone(), cache.reload_tokens.clone()
+            step(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
+            per_step.append((cache.reloads - before[0]).sum((1, 2)))  # (layers,) pairs reloading this step
+            assert ((cache.reload_tokens - before[1] > 0) == (cache.reloads - before[0] > 0)).all()
+        reloading[capacity] = torch.stack(per_step)
+    assert reloading[2].max() <= 2 and reloading[2].sum() > 0
+    assert reloading[None].max() > 2
+
+
+def test_compiled_dense_recompute_reads_the_store_in_place(model):
+    """Compiled without a capacity, a recompute that reads every token attends the store as it lies (no
+    gather): the logits, decisions and tokens read equal the eager step's, which gathers the reloading pairs."""
+    torch._dynamo.reset()
+    tokens = random_tokens(2, L + 6, seed=11)
+    step = torch.compile(decode_one_token, fullgraph=True)
+    runs = {}
+    for name, fn in (("eager", decode_one_token), ("compiled", step)):
+        config = cfg("snapkv", theta1=0.0, theta2=0.2, reload_pages=None)
+        _, cache = generate.prefill_and_compress(model, tokens[:, :L], config, 6)
+        logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache) for t in range(L, L + 6)], 1)
+        runs[name] = logits, cache.counts, cache.reload_tokens
+    torch.testing.assert_close(runs["compiled"][0], runs["eager"][0], atol=1e-5, rtol=0)
+    assert torch.equal(runs["compiled"][1], runs["eager"][1]) and torch.equal(runs["compiled"][2], runs["eager"][2])
+    assert runs["eager"][1][..., 1].sum() > 0

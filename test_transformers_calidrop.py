@@ -22,7 +22,9 @@ import transformers_calidrop as tc  # noqa: E402
 N_NEW = 32
 # the default page-sparse recompute: 512 - 64 = 448 evicted tokens per KV head are 28 pages of 16, of which a
 # recompute reads 12
-CONFIGS = {f"{method}-{variant}": calidrop.CaliDropConfig(method=method, budget=64, calibration=variant == "calidrop")
+# 12 ranked pages: "auto" would read all 448 evicted tokens at this length (cheaper than ranking them)
+CONFIGS = {f"{method}-{variant}": calidrop.CaliDropConfig(method=method, budget=64, calibration=variant == "calidrop",
+                                                          reload_pages=12)
            for method in ("snapkv", "h2o", "streamingllm") for variant in ("calidrop", "evict")}
 
 
@@ -169,19 +171,19 @@ def test_recompute_every_step_equals_full_generation(tmp_path, arch, method, one
 
 
 def test_partial_rope_needs_every_page(tmp_path, one_thread):
-    """Phi-3 with RoPE over half of each head: no frequencies to rank pages with, so refused unless a recompute
-    reads every page; then it is exact again."""
+    """Phi-3 with RoPE over half of each head: no frequencies to rank pages with, so 12 ranked pages are
+    refused; theta1 > 1 reads every page whatever reload_pages says, and is exact again."""
     path = save_random("Phi3", tmp_path / "p", partial_rotary_factor=0.5, pad_token_id=0)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="calidrop").eval()
     tokens = torch.randint(0, SMALL["vocab_size"], (1, 300), generator=torch.Generator().manual_seed(3))
-    config = calidrop.CaliDropConfig(method="snapkv", budget=24, window=8, theta1=2.0)  # 276 evicted: 18 pages
+    config = calidrop.CaliDropConfig(method="snapkv", budget=24, window=8, reload_pages=12)  # 276 evicted: 18 pages
     with pytest.raises(ValueError, match="no RoPE over all 16 head dimensions"):
         tc.generate(model, tokens, config, 8)
     oracle = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.inference_mode():
         expected = oracle.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8,
                                    min_new_tokens=8, do_sample=False, pad_token_id=0)[:, 300:]
-    config.reload_pages = None
+    config.theta1 = 2.0
     got, _ = tc.generate(model, tokens, config, 8)
     assert torch.equal(got, expected)
 

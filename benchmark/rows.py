@@ -1,6 +1,7 @@
 """bench.py's rows: what each row is (the full cache, eviction, CaliDrop), the one prefill that every row of a
 prompt length starts from, the decode steps (eager or compiled once for every length), the timed decode,
 and the bytes a row's cache holds checked against its own counts."""
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,15 +26,16 @@ class Variant:
 def make_variants(args, n_kv_heads):
     """The rows: the full cache, then per method eviction, calibrate-only (theta1 = -1) and CaliDrop with
     the page-sparse recompute. With --recompute-heads N, CaliDrop's cosine rule is replaced by a fixed
-    rate (on random weights the cosine means nothing): every head is stale (theta1 > 1) and the reload
-    capacity lets exactly N of the n_kv_heads KV heads per layer-step recompute."""
+    rate (on random weights the cosine means nothing): every head is stale (theta1 = 1, theta2 > 1: nothing
+    calibrates) and the reload capacity lets exactly N of the n_kv_heads KV heads per layer-step and sequence
+    recompute (run_row scales it to the batch: the capacity is shared by the batch's pairs)."""
     variants = [Variant("full", None)]
     for method in args.methods:
         base = dict(method=method, budget=args.budget, window=args.window, sink=args.sink,
                     page_size=args.page_size, reload_pages=args.reload_pages)
         if args.recompute_heads:
             name, rule = (f"{method} calidrop forced {args.recompute_heads}/{n_kv_heads}",
-                          dict(theta1=2.0, theta2=args.theta2, reload_capacity=args.recompute_heads))
+                          dict(theta1=1.0, theta2=2.0, reload_capacity=args.recompute_heads))
         else:
             name, rule = (f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
                           dict(theta1=args.theta1, theta2=args.theta2, reload_capacity=args.reload_capacity))
@@ -65,9 +67,10 @@ class Shared:
     values: list = field(default_factory=list)
 
 
-def shared_prefill(model, ids, batch, new_tokens, h2o, window, device, dtype):
-    """batch copies of the prompt ids (batched decoding of equal prompts: the paper's throughput setting)."""
-    tokens = torch.tensor([ids] * batch, device=device)
+def shared_prefill(model, prompts, new_tokens, h2o, window, device, dtype):
+    """prompts: one list of token ids per sequence, all of one length (batch > 1: the paper's throughput
+    setting, distinct sequences)."""
+    tokens = torch.tensor(prompts, device=device)
     B, L = tokens.shape
     full = FullCache(model.args, B, L + new_tokens, device, dtype)
     recorder = calidrop.PrefillRecorder(full, window, h2o=h2o)
@@ -237,10 +240,13 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         for buf in (*cache.k, *cache.v):  # a previous row's generated K/V: unwritten slots must read as empty
             buf[:, :, shared.length:].zero_()
     else:
+        config = variant.config
+        if args.recompute_heads:  # the forced rate: N KV heads per layer-step of each sequence
+            config = dataclasses.replace(config, reload_capacity=args.recompute_heads * shared.tokens.shape[0])
         synchronize(device)
         t0 = time.perf_counter()
         # eager and compiled rows: the same room, so the same shapes
-        cache = calidrop.CaliDropCache.from_prefill(variant.config, shared.keys, shared.values, shared.recorder,
+        cache = calidrop.CaliDropCache.from_prefill(config, shared.keys, shared.values, shared.recorder,
                                                     shared.room, inv_freq=model.inv_freq)
         synchronize(device)
         compress_s = time.perf_counter() - t0

@@ -36,13 +36,13 @@ def offload(variant):
 
 
 def reload_pages(variant, args):
-    """Pages a recompute of the variant reads per KV head (None: all). The OTT store reads a whole layer
-    (its groups and outlier pools span it), so its variants always read every page; recompute-all is the
-    exactness check, so it does too."""
+    """Pages a recompute of the variant reads per KV head: N (exactly N, ranked), "auto" or None (all). The
+    OTT store reads a whole layer (its groups and outlier pools span it), so its variants always read every
+    page; recompute-all is the exactness check, so it does too."""
     name, _, pages = variant.partition("@")
     pages = pages or args.reload_pages
     exact = offload(variant) == "ott" or name == "recompute-all"
-    return None if pages in (None, "all") or exact else int(pages)
+    return None if pages in (None, "all") or exact else pages if pages == "auto" else int(pages)
 
 
 def check_variant(variant):
@@ -109,20 +109,22 @@ def compress(args, method, budget, variants, full, recorder, length, max_new, in
     do not depend on the thresholds or on how many pages a recompute reads, so they run once, on the S
     sequences; the variants are then rows of one cache per (offload format, pages) (rows = variants x
     sequences, variant-major; theta1 and theta2 per row), sharing one copy of the evicted K/V.
-    Returns [(cache, variant names)]."""
+    Returns [(cache, variant names)]. With a reload capacity each variant is a cache of its own: the capacity
+    is shared by the batch of its S sequences."""
     device = full.slots.device
-    theta1 = max(thresholds(v, args)[0] for v in variants)  # > -1: some variant recomputes, keep the evicted K/V
-    paged = [p for v in variants if (p := reload_pages(v, args)) is not None]
+    theta1 = torch.tensor([thresholds(v, args)[0] for v in variants])  # one recomputes: keep the evicted K/V
+    ranked = any(reload_pages(v, args) is not None for v in variants)  # one may rank pages: sketch them
     config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
                                      theta1=theta1, theta2=args.theta2, page_size=args.page_size,
-                                     reload_pages=min(paged) if paged else None, reload_capacity=args.reload_capacity)
+                                     reload_pages=1 if ranked else None, reload_capacity=args.reload_capacity)
     base = calidrop.CaliDropCache.from_prefill(config, [k[:, :, :length] for k in full.k],
                                                [v[:, :, :length] for v in full.v], recorder, max_new,
                                                calidrop.OffloadStore(device), inv_freq)
     by_cache = {}
     for variant in variants:
-        by_cache.setdefault((offload(variant), reload_pages(variant, args)), []).append(variant)
-    return [(as_rows(base, args, names, kind, pages), names) for (kind, pages), names in by_cache.items()]
+        alone = variant if args.reload_capacity else None
+        by_cache.setdefault((offload(variant), reload_pages(variant, args), alone), []).append(variant)
+    return [(as_rows(base, args, names, kind, pages), names) for (kind, pages, _), names in by_cache.items()]
 
 
 def as_rows(base, args, variants, kind, pages):
@@ -138,14 +140,15 @@ def as_rows(base, args, variants, kind, pages):
         for layer in range(len(base.layers)):
             store.put(layer, *base.store.get(layer))
     repeat = lambda x: None if x is None else x.repeat(n, *(1,) * (x.dim() - 1))
+    config = dataclasses.replace(base.config, theta1=theta1, theta2=theta2, reload_pages=pages)
     layers = []
     for state in base.layers:
-        paged = pages is not None and pages * args.page_size < state.evicted_len and state.sketch is not None
-        sketch = calidrop.KeySketch(*map(repeat, dataclasses.astuple(state.sketch))) if paged else None
+        _, Hkv, _, D = state.k.shape
+        read = calidrop.pages_to_read(config, state.evicted_len, Hq // Hkv, D, offloaded=False) if base.recomputes else None
+        sketch = calidrop.KeySketch(*map(repeat, dataclasses.astuple(state.sketch))) if read is not None else None
         layers.append(dataclasses.replace(state, k=repeat(state.k), v=repeat(state.v), hist_q=repeat(state.hist_q),
                                           hist_out=repeat(state.hist_out), hist_lse=repeat(state.hist_lse),
-                                          sketch=sketch))
-    config = dataclasses.replace(base.config, theta1=theta1, theta2=theta2, reload_pages=pages)
+                                          pages=read, sketch=sketch))
     return calidrop.CaliDropCache(config, base.prompt_len, layers, SharedRows(store, S, n), (n * S, Hq),
                                   base.inv_freq)
 

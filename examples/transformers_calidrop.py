@@ -149,7 +149,7 @@ def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
     if not compress:
         return logits, full
     keys, values = full.keys_values()
-    ranks_pages = config.recomputes and config.reload_pages is not None
+    ranks_pages = config.recomputes and config.reload_pages is not None and not config.exact
     inv_freq = rope_inv_freq(model, keys[0].shape[-1]) if ranks_pages else None
     return logits, calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, max_new_tokens, store,
                                                        inv_freq)
