@@ -106,9 +106,11 @@ def write_table(results, settings, path):
                       "",
                       *[f"- {name.upper()} {QUANT_BITS}-bit full-length cache: "
                         + ", ".join(f"{COLUMN[m]} {cell(q[m])}" for m, _ in metrics)
-                        + f", {q['kv_bytes_kept'] / 2**20:.2f} MB per sequence" for name, q in part.get("quantized", {}).items()],
+                        + f", {q['kv_bytes_kept'] / 2**20:.2f} MB per sequence"
+                        for name, q in part.get("quantized", {}).items()],
                       "",
-                      "| method | budget | variant | " + " | ".join(f"{COLUMN[m]} | Δ {COLUMN[m]}" for m, _ in metrics) + " |",
+                      "| method | budget | variant | "
+                      + " | ".join(f"{COLUMN[m]} | Δ {COLUMN[m]}" for m, _ in metrics) + " |",
                       "|---|---:|---|" + "---:|---:|" * len(metrics)]
             by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
             for m in settings["args"]["methods"]:
