@@ -27,7 +27,7 @@ results.md and a PNG per task.
 
 This file is the command line; the work is in evaluation/: data.py (text, segments, retrieval prompts),
 variants.py (the variant grid and its shared caches), one module per task (ppl.py, frontier.py,
-retrieval.py, attention.py) and report.py (results.json, the tables, the plots).
+retrieval.py, ruler.py, attention.py) and report.py (results.json, the tables, the plots).
 """
 import argparse
 import time

@@ -49,6 +49,8 @@ def small_text(tmp_path_factory):
     (["--methods", "h2o", "--budgets", "0"], "--budget must be >= 1"),
     (["--theta1", "0.9", "--theta2", "0.5"], "--theta1 < --theta2"),
     (["--new-tokens", "0"], "--new-tokens must be"),
+    (["--task", "ruler", "--prompts", "0"], "--prompts must be"),
+    (["--task", "ruler", "--ruler-tasks", "niah_single,qa"], "unknown ruler task qa"),
     (["--ckpt", "{truncated}", "--lengths", "300", "--context", "192"], "unreadable weight file"),
     (["--task", "passkey", "--lengths", "40", "--context", "192"], "cannot hold"),
 ])

@@ -1,5 +1,6 @@
 """The retrieval tasks (passkey, multikey, needle): exact match of the generated key, question-aware
-(the question is compressed with the rest) and query-agnostic (the question is decoded after compression)."""
+(the question is compressed with the rest) and query-agnostic (the question is decoded after compression).
+answer_all (one prefill, then every cache answers) serves evaluation/ruler.py too."""
 import re
 import time
 
@@ -47,7 +48,8 @@ def answer_all(model, args, ids, tail, n_new, judge, quantized=True, stop=None):
     agnostic, the tail is decoded after compression; then up to n_new greedy tokens (fewer once every row
     of a batch has produced a stop id), and judge(generated ids) -> the record's scores. Returns a record
     {scores, stats} for the full cache, {name: {scores, stats}} for the quantized caches and
-    {(method, budget, variant): {scores, stats, counts, decode_s}}."""
+    {(method, budget, variant): {scores, stats, counts, decode_s}}; the bytes are counted at n_new generated
+    tokens, early stop or not."""
     L = ids.shape[1]
     logits, full, recorder = prefill_rows(model, ids, tail.shape[1] + n_new, args.window, "h2o" in args.methods)
 
