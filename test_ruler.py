@@ -134,3 +134,16 @@ def test_ruler_end_to_end_on_a_tiny_model(tmp_path, small_text):
     assert "### 2048 tokens" in table and "| all tasks | snapkv | 64 |" in table
     assert all(f"| {task} | snapkv | 64 |" in table for task in ruler.TASKS)
     assert (out / "ruler.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fill_gives_exactly_n_ids_or_none(tiny_ckpt):
+    """cwe's and fwe's lists: as many whole items as fit, then '.' tokens; None when not even the least
+    fits, or when the items run out (a text with too few distinct words for cwe) before the length is full."""
+    codec = TextCodec(tiny_ckpt)
+    items = lambda k: " ".join(f"w{i}" for i in range(k))  # 3-4 bytes an item
+    ids = ruler.fill(codec, 100, items, 1)
+    text = codec.decode(ids)
+    assert len(ids) == 100 and text.rstrip(".") == items(len(text.rstrip(".").split()))
+    assert len(text) - len(text.rstrip(".")) < 5  # less than one more item
+    assert ruler.fill(codec, 100, items, 40) is None
+    assert ruler.fill(codec, 100, items, 1, most=10) is None

@@ -76,6 +76,7 @@ FWE = dict(
     answer="Answer: According to the coded text above, the three most frequently appeared words are:")
 FWE_ALPHA = 2.0
 ZETA_2 = math.pi ** 2 / 6  # sum of k^-2: the Zipf law's normalisation at alpha 2
+FWE_LEAST = 80  # coded words at least: from 80 on, the 2nd, 3rd, 4th and 5th most frequent counts differ
 
 
 def family(task):
@@ -102,15 +103,17 @@ def kjv_words(text):
     return sorted(set(re.findall(r"\b[a-z]{4,9}\b", text)))
 
 
-def fill(codec, n, text_of, least):
-    """Exactly n ids: the text_of(k) of the largest k >= least whose tokens fit in n (text_of grows with
-    k), then '.' tokens up to n. None if not even text_of(least) fits."""
+def fill(codec, n, text_of, least, most=math.inf):
+    """Exactly n ids: the text_of(k) of the largest k in [least, most] whose tokens fit in n (text_of grows
+    with k), then '.' tokens up to n. None if not even text_of(least) fits, or text_of(most) does."""
     size = lambda k: len(encode(codec, text_of(k)))
     if size(least) > n:
         return None
     lo, hi = least, max(2 * least, 1)
     while size(hi) <= n:
-        lo, hi = hi, 2 * hi
+        if hi >= most:
+            return None
+        lo, hi = hi, min(2 * hi, most)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= n else (lo, mid)
@@ -137,7 +140,8 @@ def niah_prompt(codec, rng, task, length, text, words):
     while len(keys) < n_keys:
         key = "-".join(rng.sample(words, 2))
         keys += [key] if key not in keys else []
-    needles = [(k, str(rng.randint(1000000, 9999999))) for k in keys for _ in range(n_values)]
+    values = rng.sample(range(1000000, 10000000), n_keys * n_values)  # distinct
+    needles = [(k, str(values.pop())) for k in keys for _ in range(n_values)]
     rng.shuffle(needles)
     asked = rng.sample(keys, n_asked)
     answers = [v for k in asked for v in (v for key, v in needles if key == k)]
@@ -194,7 +198,8 @@ def cwe_prompt(codec, rng, length, words, seed):
     example = (f"{CWE['intro']}\n{example}\n{CWE['question']}\n{CWE['answer']} {numbered(common)}\n\n")
     pool = pool[example_words:]
     _, answers = cwe_list(pool, 0, repeats, seed)
-    ids = lambda n: fill(codec, n, lambda k: cwe_list(pool, k, repeats, seed)[0], 0) or too_short("cwe", length)
+    ids = lambda n: (fill(codec, n, lambda k: cwe_list(pool, k, repeats, seed)[0], 0, len(pool) - CWE_COMMON)
+                     or too_short("cwe", length, " (or the text has too few distinct words to fill it)"))
     context, tail = build_prompt(codec, length, ids, {**CWE, "intro": example + CWE["intro"]}, [], [], None)
     return context + tail, answers
 
@@ -214,13 +219,13 @@ def fwe_prompt(codec, rng, length, seed):
     vocab = sorted(vocab)
     rng.shuffle(vocab)
     vocab[0] = "..."  # the most frequent: the noise the question says to ignore
-    ids = lambda n: fill(codec, n, lambda k: fwe_text(vocab, k, seed), 40) or too_short("fwe", length)
+    ids = lambda n: fill(codec, n, lambda k: fwe_text(vocab, k, seed), FWE_LEAST) or too_short("fwe", length)
     context, tail = build_prompt(codec, length, ids, FWE, [], [], None)
     return context + tail, vocab[1:4]
 
 
-def too_short(task, length):
-    raise UsageError(f"a {length}-token prompt cannot hold {task}'s instructions, example and list")
+def too_short(task, length, why=""):
+    raise UsageError(f"a {length}-token prompt cannot hold {task}'s instructions, example and list{why}")
 
 
 def ruler_prompts(codec, args, text):
