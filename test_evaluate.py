@@ -3,6 +3,7 @@ numbers hold what the method guarantees (the full cache's KL is 0, exact recompu
 is not). The slow test runs --quick on the real default model, as a user would."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import calidrop
 import evaluate
 import generate
 from common import TextCodec, kjv_text, kv_bytes_per_token
-from evaluation import variants
+from evaluation import report, variants
 from evaluation.frontier import FRONTIER_QUICK, point_name
 from evaluation.data import segments
 from evaluation.ppl import Continuation
@@ -48,6 +49,8 @@ def small_text(tmp_path_factory):
     (["--methods", "h2o", "--budgets", "0"], "--budget must be >= 1"),
     (["--theta1", "0.9", "--theta2", "0.5"], "--theta1 < --theta2"),
     (["--new-tokens", "0"], "--new-tokens must be"),
+    (["--task", "ruler", "--prompts", "0"], "--prompts must be"),
+    (["--task", "ruler", "--ruler-tasks", "niah_single,qa"], "unknown ruler task qa"),
     (["--ckpt", "{truncated}", "--lengths", "300", "--context", "192"], "unreadable weight file"),
     (["--task", "passkey", "--lengths", "40", "--context", "192"], "cannot hold"),
 ])
@@ -251,3 +254,35 @@ def test_frontier_quick_on_the_tiny_model(tiny_ckpt, small_text, tmp_path):
                 "kl", "kl_se", "nll", "nll_se", "gpu_tokens_per_s"} <= set(p)
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best variant by KL" in (tmp_path / "results.md").read_text()
+
+
+def test_per_item_values_and_paired_differences_to_evict(tiny_ckpt, small_text, tmp_path):
+    """results.json keeps every segment's NLL and KL and every prompt's 0/1 score; the report's difference
+    to evict is the mean and paired standard error of the item-by-item differences (computed here again
+    from the lists with the standard library), exactly 0 for evict itself, and it is in results.md."""
+    evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), "--text-file", str(small_text), "--task", "ppl,passkey",
+                   "--methods", "snapkv,streamingllm", "--variants", "evict,calidrop,recompute-all",
+                   "--segments", "3", "--keys", "3", "--lengths", "448", "--context", "192", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    table = (tmp_path / "results.md").read_text()
+    parts = [(results["ppl"], ("nll", "kl"))] + [(p, ("accuracy",)) for p in results["passkey"]["modes"].values()]
+    for part, metrics in parts:
+        by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
+        for (m, b, v), c in by_config.items():
+            for metric in metrics:
+                own, evict = report.items(c, metric), report.items(by_config[m, b, "evict"], metric)
+                assert len(own) == (3 if metric != "accuracy" else len(part["full"]["correct"]))
+                assert statistics.fmean(own) == pytest.approx(c[metric]["mean"], abs=1e-9)
+                d = [x - y for x, y in zip(own, evict)]
+                se = statistics.stdev(d) / math.sqrt(len(d))
+                got = report.to_evict(by_config, m, b, v, metric)
+                if v == "evict":
+                    assert got == {"mean": 0.0, "se": 0.0}
+                else:
+                    assert got["mean"] == pytest.approx(statistics.fmean(d), abs=1e-12)
+                    assert got["se"] == pytest.approx(se, rel=1e-9, abs=1e-12)
+                if metric != "accuracy":
+                    assert report.diff_cell(got) in table
+    ppl = {c["variant"]: c for c in results["ppl"]["configs"] if c["method"] == "snapkv"}
+    assert report.to_evict({(0, 0, v): c for v, c in ppl.items()}, 0, 0, "recompute-all", "kl")["mean"] < 0
+    assert "| snapkv | 64 | evict | " in table and "| Δ NLL | KL | Δ KL |" in table

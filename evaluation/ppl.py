@@ -80,7 +80,9 @@ def kl(logp_full, logp):
 
 
 def ppl_metrics(nll, divergence):
-    """nll, divergence (segments, M) -> mean and standard error over segments of the per-segment means."""
+    """nll, divergence (segments, M) -> mean and standard error over segments of the per-segment means,
+    and the per-segment means themselves (the report pairs them across variants: same segments)."""
     per_segment = nll.mean(1)
     return {"nll": mean_se(per_segment), "ppl": math.exp(per_segment.mean().item()),
-            "kl": mean_se(divergence.mean(1))}
+            "kl": mean_se(divergence.mean(1)),
+            "nll_per_segment": per_segment.tolist(), "kl_per_segment": divergence.mean(1).tolist()}

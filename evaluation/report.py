@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from evaluation.frontier import HBM_BYTES_PER_S, LINK_BYTES_PER_S, family, point_name
-from evaluation.variants import QUANT_BITS, thresholds
+from evaluation.variants import QUANT_BITS, mean_se, thresholds
 
 METRICS = {  # per task: (result section, metric, label) of each plot row and table column
     "ppl": [("", "nll", "NLL"), ("", "kl", "KL(full || variant)")],
@@ -18,20 +18,70 @@ METRICS = {  # per task: (result section, metric, label) of each plot row and ta
 }
 
 
+COLUMN = {"nll": "NLL", "kl": "KL", "accuracy": "accuracy", "rel_error": "rel. error", "score": "score"}
+
+# Per-item values of a metric, the unit its standard error is over (ppl: segments; passkey, multikey, needle:
+# prompts, 0/1; ruler: prompts, 0-1): every variant of a task sees the same items, so a variant is compared
+# with eviction item by item.
+ITEMS = {"nll": "nll_per_segment", "kl": "kl_per_segment", "accuracy": "correct", "score": "scores"}
+
+
 def section(result, mode):
     """The part of a task's result that holds 'full' and 'configs'."""
     return result["modes"][mode] if mode else result
+
+
+def metric_rows(task, result):
+    """(section, metric, label) of each plot row and table column; ruler has a section per length."""
+    if task == "ruler":
+        return [(str(n), "score", f"score at {n} tokens, all tasks") for n in result["lengths"]]
+    return METRICS[task]
 
 
 def cell(value):
     return f"{value['mean']:.3f} ± {value['se']:.3f}" if value["se"] else f"{value['mean']:.3f}"
 
 
+def items(record, metric):
+    """The per-item values of a metric in a config's (or the full cache's) record; None if not kept."""
+    key = ITEMS.get(metric)
+    return None if key not in record else [float(x) for x in record[key]]
+
+
+def paired_difference(values, reference):
+    """Mean and standard error of values - reference item by item (the same segments or prompts): the
+    spread between items, most of an unpaired error, cancels. For 0/1 retrieval scores the same paired
+    standard error (of differences in {-1, 0, 1}; 0 when the two agree on every prompt) rather than a
+    bootstrap interval: one rule for every table, and with 10-20 prompts a bootstrap adds no information."""
+    if len(values) != len(reference):
+        raise ValueError(f"{len(values)} items against {len(reference)}: not paired")
+    return mean_se([a - b for a, b in zip(values, reference)])
+
+
+def to_evict(by_config, method, budget, variant, metric, select=None):
+    """The paired difference of (method, budget, variant) to evict of the same method and budget (over the
+    items whose index `select` keeps, if given); None without evict or without per-item values."""
+    evict = by_config.get((method, budget, "evict"))
+    own = by_config.get((method, budget, variant))
+    if evict is None or own is None or items(own, metric) is None or items(evict, metric) is None:
+        return None
+    a, b = items(own, metric), items(evict, metric)
+    if select is not None:
+        a, b = [a[i] for i in select], [b[i] for i in select]
+    return paired_difference(a, b)
+
+
+def diff_cell(d):
+    return "" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f}"
+
+
 def write_table(results, settings, path):
     lines = ["# CaliDrop evaluation", "", f"Model `{settings['model']}`, {settings['device']} {settings['dtype']}, "
              f"seed {settings['seed']}, commit {settings['git_commit']}; "
              f"theta1 {settings['args']['theta1']}, theta2 {settings['args']['theta2']}, "
-             f"window {settings['args']['window']}, sink {settings['args']['sink']}.", ""]
+             f"window {settings['args']['window']}, sink {settings['args']['sink']}.", "",
+             "Δ: a variant minus `evict` of the same method and budget, item by item (ppl: per segment; "
+             "retrieval and ruler: per prompt), mean ± paired standard error.", ""]
     for task, result in results.items():
         if task == "settings":
             continue
@@ -39,23 +89,37 @@ def write_table(results, settings, path):
         if task == "frontier":
             lines += frontier_table(result)
             continue
+        if task == "ruler":
+            lines += ruler_tables(result, settings)
+            continue
         variants = settings["args"]["variants"]
-        for mode, metric, label in METRICS[task]:
+        modes = {}
+        for mode, metric, label in METRICS[task]:  # the metrics of one section side by side (ppl: NLL and KL)
+            modes.setdefault(mode, []).append((metric, label))
+        for mode, metrics in modes.items():
             part = section(result, mode)
-            lines += [f"### {label}", "", f"Full cache: {cell(part['full'][metric])}"
-                      + (f" (by length: {part['full']['accuracy_by_length']})" if metric == "accuracy" else "")
-                      + (f", {part['full']['kv_bytes_kept'] / 2**20:.1f} MB per sequence" if task != "attention" else ""),
+            full = part["full"]
+            lines += [f"### {' and '.join(label for _, label in metrics)}", "",
+                      "Full cache: " + ", ".join(f"{COLUMN[m]} {cell(full[m])}" for m, _ in metrics)
+                      + (f" (by length: {full['accuracy_by_length']})" if "accuracy" in full else "")
+                      + (f", {full['kv_bytes_kept'] / 2**20:.1f} MB per sequence" if task != "attention" else ""),
                       "",
-                      *[f"- {name.upper()} {QUANT_BITS}-bit full-length cache: {cell(q[metric])}, "
-                        f"{q['kv_bytes_kept'] / 2**20:.2f} MB per sequence" for name, q in part.get("quantized", {}).items()],
+                      *[f"- {name.upper()} {QUANT_BITS}-bit full-length cache: "
+                        + ", ".join(f"{COLUMN[m]} {cell(q[m])}" for m, _ in metrics)
+                        + f", {q['kv_bytes_kept'] / 2**20:.2f} MB per sequence"
+                        for name, q in part.get("quantized", {}).items()],
                       "",
-                      "| method | budget | " + " | ".join(variants) + " |",
-                      "|---|---:|" + "---:|" * len(variants)]
+                      "| method | budget | variant | "
+                      + " | ".join(f"{COLUMN[m]} | Δ {COLUMN[m]}" for m, _ in metrics) + " |",
+                      "|---|---:|---|" + "---:|---:|" * len(metrics)]
             by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
             for m in settings["args"]["methods"]:
                 for b in settings["args"]["budgets"]:
-                    lines.append(f"| {m} | {b} | " + " | ".join(cell(by_config[m, b, v][metric]) for v in variants) + " |")
-            if metric == "accuracy":
+                    for v in variants:
+                        lines.append(f"| {m} | {b} | {v} | " + " | ".join(
+                            f"{cell(by_config[m, b, v][metric])} | {diff_cell(to_evict(by_config, m, b, v, metric))}"
+                            for metric, _ in metrics) + " |")
+            if any(metric == "accuracy" for metric, _ in metrics):
                 lines += ["", "Smallest budget from which each variant retrieves everything the full cache "
                           "retrieves (at that budget and every larger one):", ""]
                 for v in variants:
@@ -68,6 +132,33 @@ def write_table(results, settings, path):
         if task == "attention":
             lines += cos_table(result)
     path.write_text("\n".join(lines) + "\n")
+
+
+def ruler_tables(result, settings):
+    """Per length: a row per (task, method, budget) and for all tasks together (every prompt of the length
+    one item: the mean over tasks, as RULER averages them), the full cache's score and each variant's with
+    its paired difference to evict."""
+    variants, lines = settings["args"]["variants"], []
+    for length in result["lengths"]:
+        part = result["modes"][str(length)]
+        tasks = [p["task"] for p in part["prompts"]]
+        by_config = {(c["method"], c["budget"], c["variant"]): c for c in part["configs"]}
+        lines += [f"### {length} tokens: score (string_match_all), Δ to evict", "",
+                  "| task | method | budget | full | " + " | ".join(f"{v} | Δ" for v in variants) + " |",
+                  "|---|---|---:|---:|" + "---:|---:|" * len(variants)]
+        for task in result["tasks"] + ["all tasks"]:
+            select = [i for i, t in enumerate(tasks) if t == task or task == "all tasks"]
+            full = mean_se([part["full"]["scores"][i] for i in select])
+            for m in settings["args"]["methods"]:
+                for b in settings["args"]["budgets"]:
+                    cells = []
+                    for v in variants:
+                        scores = by_config[m, b, v]["scores"]
+                        cells += [cell(mean_se([scores[i] for i in select])),
+                                  diff_cell(to_evict(by_config, m, b, v, "score", select))]
+                    lines.append(f"| {task} | {m} | {b} | {cell(full)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def first_retrieving(by_config, method, variant, budgets):
@@ -179,7 +270,7 @@ def plot(task, result, settings, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods, budgets = settings["args"]["methods"], settings["args"]["budgets"]
-    rows = METRICS[task]
+    rows = metric_rows(task, result)
     n_rows = len(rows) + (task == "attention")
     fig = plt.figure(figsize=(3.6 * len(methods), 3 * n_rows), layout="constrained")
     grid = fig.add_gridspec(n_rows, len(methods))
