@@ -155,10 +155,11 @@ class Steps:
         if mode == "eager":
             return decode_one_token
         full, recomputes = variant.config is None, variant.recomputes
-        cuda_graphs = uses_cuda_graphs(self.device, variant)
+        cuda_graphs = uses_cuda_graphs(self.device, variant, cache)
         key = (full, cuda_graphs, recomputes)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
+            fn = decode_keeping_history if cuda_graphs and recomputes else decode_one_token
+            self._compiled[key] = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None,
                                                 fullgraph=True, dynamic=None if full else False)
         compiled = self._compiled[key]
         if not full:
@@ -178,10 +179,24 @@ class Steps:
         return counters["stats"]["unique_graphs"]
 
 
-def uses_cuda_graphs(device, variant):
-    """CUDA graphs (reduce-overhead) for every compiled row on CUDA but the recomputing ones: their reads
-    come from the offload store in host memory, which a graph cannot capture."""
-    return device.type == "cuda" and not variant.recomputes
+def uses_cuda_graphs(device, variant, cache):
+    """CUDA graphs (reduce-overhead) for every compiled row on CUDA; a recomputing row's only where the GPU
+    reads the offload store itself (offload_gather.py, Triton): otherwise its reads go through the host,
+    which a graph cannot capture."""
+    return device.type == "cuda" and (not variant.recomputes or bool(getattr(cache.store, "on_gpu", None)))
+
+
+def decode_keeping_history(model, token, pos, cache):
+    """decode_one_token for a recomputing cache under CUDA graphs. calidrop.py's refresh_history binds each
+    layer's history (hist_q, hist_out, hist_lse) to new tensors, which would be outputs of one replay
+    handed to the next (that replay overwrites them): copy them back into the buffers the graph was
+    recorded with, inside the graph, and keep those."""
+    held = [(state, state.hist_q, state.hist_out, state.hist_lse) for state in cache.layers]
+    logits = decode_one_token(model, token, pos, cache)
+    for state, q, out, lse in held:
+        q.copy_(state.hist_q), out.copy_(state.hist_out), lse.copy_(state.hist_lse)
+        state.hist_q, state.hist_out, state.hist_lse = q, out, lse
+    return logits
 
 
 def prepare_for_cuda_graphs(cache):
@@ -230,7 +245,6 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
     """Build the row's cache from the shared prefill, decode, and measure."""
     n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
     recomputes = variant.recomputes
-    cuda_graphs = mode == "compile" and uses_cuda_graphs(device, variant)
     other_bytes = 0
     if variant.config is None:
         cache, compress_s = shared.full, 0.0
@@ -244,6 +258,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
                                                     shared.room, inv_freq=model.inv_freq)
         synchronize(device)
         compress_s = time.perf_counter() - t0
+    cuda_graphs = mode == "compile" and uses_cuda_graphs(device, variant, cache)
     if cuda_graphs:
         prepare_for_cuda_graphs(cache)
     held = cache_tensors(cache)
