@@ -221,7 +221,8 @@ class FullCache:
             # the query heads sharing a KV head act as G queries of that head: each K/V is read once
             mask = self.slots[None, :] <= pos[:, None]
             grouped = q.view(B, k_all.shape[1], -1, D)
-            return F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask).view(B, Hq, 1, D)
+            out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask)  # (B, Hkv, G, D)
+            return out.reshape(B, Hq, 1, D)  # not view: CUDA's float32 kernels return it non-contiguous
         if int(pos[0]) == 0:  # prefill from the start: the causal kernel, no mask materialised
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         n = int(pos[-1]) + 1  # a later prefill chunk: causal over everything written so far

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import TINY, tiny_weights, write_checkpoint
@@ -30,6 +31,29 @@ def test_token_by_token_decode_equals_one_forward(tiny_ckpt, batch):
         for t in range(8, 39):
             logits.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
     torch.testing.assert_close(torch.stack(logits, 1), reference[:, 7:39], atol=1e-5, rtol=1e-5)
+
+
+def cuda_layout(monkeypatch):
+    """Make F.scaled_dot_product_attention return its output as CUDA's float32 kernels lay it out: (B, T, H, D)
+    in memory, transposed to (B, H, T, D). The same values; a view that merges H and T then fails."""
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kw: sdpa(*args, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def test_decode_takes_attention_output_in_any_layout(tiny_ckpt, monkeypatch):
+    """The decode step's grouped attention (B, Hkv, G, D) -> (B, Hq, 1, D) on a non-contiguous output (issue 25:
+    "view size is not compatible with input tensor's size and stride" on CUDA float32)."""
+    model = load_model(tiny_ckpt)
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = full_forward(model, tokens)
+        cuda_layout(monkeypatch)
+        cache = FullCache(model.args, 2, 20)
+        logits = [prefill(model, tokens[:, :8], cache)]
+        for t in range(8, 19):
+            logits.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
+    torch.testing.assert_close(torch.stack(logits, 1), reference[:, 7:19], atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_prefill_equals_one_forward(tiny_ckpt):

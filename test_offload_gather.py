@@ -142,7 +142,8 @@ def test_decode_keeping_history_is_decode_one_token(tiny_ckpt):
         for step in (decode_one_token, decode_keeping_history):
             _, cache = prefill_and_compress(model, tokens[:, :L], config, n)
             buffers = [s.hist_q for s in cache.layers]
-            logits = torch.stack([step(model, tokens[:, t:t + 1], torch.tensor([t]), cache) for t in range(L, L + n)], 1)
+            logits = torch.stack([step(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
+                                  for t in range(L, L + n)], 1)
             runs[step] = logits, [(s.hist_q, s.hist_out, s.hist_lse) for s in cache.layers], cache.counts
     (logits_a, hist_a, counts_a), (logits_b, hist_b, counts_b) = runs.values()
     assert torch.equal(logits_a, logits_b) and torch.equal(counts_a, counts_b) and counts_a[..., 1].any()
