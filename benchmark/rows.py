@@ -206,30 +206,36 @@ def prepare_for_cuda_graphs(cache):
         torch._dynamo.mark_static_address(t)
 
 
-def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False):
-    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
-    and, per step, its time, whether something compiled in it, and the layers that reloaded."""
+def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False, forced=None):
+    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps); with `forced` (another
+    row's tokens), teacher-forced: each step is fed forced's token, so that both rows see the same inputs.
+    Returns the tokens (each step's argmax), per step its time, whether something compiled in it and the
+    layers that reloaded, and the first sequence's logits (n_new - 1, vocab) on the CPU."""
     token = shared.first.clone()  # (B, 1)
     pos = torch.tensor([shared.length], device=device)
-    tokens, times, compiled, reloads = [token], [], [], []
+    tokens, times, compiled, reloads, seen = [token], [], [], [], []
     counts = cache.counts[..., 1].sum((1, 2)).cpu() if track_reloads else None
-    for _ in range(n_new - 1):
+    for i in range(n_new - 1):
         graphs = Steps.graphs()
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         synchronize(device)
         t0 = time.perf_counter()
-        token = step(model, token, pos, cache).argmax(-1, keepdim=True)
+        logits = step(model, token, pos, cache)
+        token = logits.argmax(-1, keepdim=True)
         synchronize(device)
         times.append(time.perf_counter() - t0)
         compiled.append(Steps.graphs() != graphs)
+        seen.append(logits[0].cpu())  # outside the timed region; a copy (a CUDA graph reuses its output)
         tokens.append(token)
+        if forced is not None and i + 1 < len(forced):
+            token = torch.full_like(token, forced[i + 1])
         pos += 1
         if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
             now = cache.counts[..., 1].sum((1, 2)).cpu()
             reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
             counts = now
-    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads  # the first sequence's tokens
+    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads, torch.stack(seen)
 
 
 def timing_summary(times, compiled, warmup):
@@ -241,8 +247,10 @@ def timing_summary(times, compiled, warmup):
             "tokens_per_s": len(kept) / sum(kept), "excluded_compile_steps": sum(compiled[warmup:])}
 
 
-def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
-    """Build the row's cache from the shared prefill, decode, and measure."""
+def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, reference=None):
+    """Build the row's cache from the shared prefill, decode, and measure. reference: the eager row's tokens
+    and logits, which a compiled row is teacher-forced on and compared with. Returns the row and its first
+    sequence's logits (on the CPU)."""
     n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
     recomputes = variant.recomputes
     other_bytes = 0
@@ -269,8 +277,9 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
-    tokens, times, compiled, reloads = decode(steps.get(mode, variant, cache), model, shared, cache, n_new, device,
-                                              args.warmup, recomputes, cuda_graphs)
+    tokens, times, compiled, reloads, logits = decode(steps.get(mode, variant, cache), model, shared, cache, n_new,
+                                                      device, args.warmup, recomputes, cuda_graphs,
+                                                      None if reference is None else reference[0])
     decode_s = time.perf_counter() - t0
     timing = timing_summary(times, compiled, args.warmup)
     fed = n_new - 1  # the last sampled token is never fed
@@ -286,6 +295,8 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
            "peak_memory_bytes": peak, "weight_bytes": wbytes,
            **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
            "bytes_check": check_bytes(cache, stats), "tokens": tokens}
+    if reference is not None:
+        row.update(compare_logits(logits, reference[1], model.embed_tokens.weight.dtype))
     if variant.config is not None:
         c = variant.config
         row.update(method=c.method, budget=c.budget, theta1=c.theta1 if c.calibration else None,
@@ -318,7 +329,24 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         row["bound_fraction"] = bound_s * steps_per_s  # the time the bytes alone need, over the step's
     if variant.config is not None:
         del cache
-    return row
+    return row, logits
+
+
+COMPILE_TOLERANCE_EPS = 8  # in 16-bit dtypes: compiled logits within 8 eps x the largest |logit| of eager's
+
+
+def compare_logits(logits, eager, dtype):
+    """A compiled row's logits (teacher-forced on the eager tokens) against the eager row's, step by step: the
+    largest difference, and where the dtype is 16-bit the tolerance it is held to. In float32 the check is
+    exact greedy token identity; in bfloat16 / float16 the step rounds its activations at every layer and
+    compiled kernels round in other places (random weights give near-tied logits), so the check is
+    max |compiled - eager| <= COMPILE_TOLERANCE_EPS x eps(dtype) x max |eager logit|."""
+    n = min(len(logits), len(eager))
+    diff = (logits[:n] - eager[:n]).abs().max().item() if n else 0.0
+    exact = dtype in (torch.float32, torch.float64)
+    scale = eager[:n].abs().max().item() if n else 0.0
+    return {"logits_max_diff_vs_eager": diff, "logits_max_abs": scale,
+            "logits_tolerance": None if exact else COMPILE_TOLERANCE_EPS * torch.finfo(dtype).eps * scale}
 
 
 
