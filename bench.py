@@ -477,6 +477,9 @@ def run(args):
                     print("first compiled step (compile time included): " + ", ".join(firsts))
                 print(f"({time.perf_counter() - t_length:.0f} s for this length, {time.perf_counter() - t_start:.0f} s "
                       f"so far)", flush=True)
+                if args.json:  # the rows so far, should a time limit stop the run (the whole file at the end)
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps({"partial": True, "rows": rows}, indent=1) + "\n")
 
     lines, result = targets(rows, args, variants, lengths)
     wall = time.perf_counter() - t_start
