@@ -3,7 +3,8 @@
 # each command has a timeout (110 + 280 + 70 s). No weights travel: random weights at Llama-3-8B's layer
 # shape with 8 layers instead of 32 (../shared/gpu/llama3-8b-8layers-32k.json; written here if absent).
 #   1. the CUDA tests: offload_gather.py's device read (eager, and inside a compiled step captured as CUDA
-#      graphs, against the host read), its kernel in Triton's interpreter, the pinned store's reloads;
+#      graphs, against the host read), its kernel in Triton's interpreter, the pinned store's reloads, the
+#      full cache's compiled decode (FlexAttention) against SDPA;
 #   2. bench.py at 8k and 32k, bf16, budget 256, SnapKV, 2 of the 8 KV heads recomputing in every
 #      layer-step (--recompute-heads 2), eager and compiled (mode "reduce-overhead" for every row);
 #   3. a float32 tiny-shape bench (2 layers): compiled greedy tokens == eager's for every row.
@@ -43,7 +44,8 @@ esac
   echo "config $CONFIG, lengths $LENGTHS, device $DEVICE"
 } 2>&1 | tee "$OUT/gpu_check.txt"
 
-timeout 110 python3 -m pytest -q -p no:cacheprovider -rs test_offload_gather.py test_calidrop.py -k "cuda or gather" \
+timeout 110 python3 -m pytest -q -p no:cacheprovider -rs test_offload_gather.py test_calidrop.py test_model.py \
+    -k "cuda or gather or flex" \
     2>&1 | tail -n 30 | tee -a "$OUT/gpu_check.txt"
 stamp "CUDA tests"
 
