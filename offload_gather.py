@@ -112,7 +112,8 @@ def cuda_view(pinned):
     graphs. Written through the host tensor only before any read (the store is filled once)."""
     if not (pinned.is_pinned() and pinned.is_contiguous()):
         raise ValueError("cuda_view needs a contiguous pinned tensor")
-    view = torch.as_tensor(_HostArray(pinned)).view(pinned.dtype)
-    assert view.is_cuda and view.data_ptr() == pinned.data_ptr()
+    view = torch.as_tensor(_HostArray(pinned), device="cuda").view(pinned.dtype)  # older torch: CPU by default
+    if not (view.is_cuda and view.data_ptr() == pinned.data_ptr()):
+        raise RuntimeError("cuda_view: torch copied the pinned memory instead of viewing it")
     torch._dynamo.mark_static_address(view)  # unguarded: a new store re-records the graph, never copied
     return view
