@@ -85,7 +85,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @gather_rows.register_fake
 def _(src, index):
-    return src.new_empty(*index.shape, src.shape[1])
+    return torch.empty(*index.shape, src.shape[1], dtype=src.dtype, device=index.device)
 
 
 def read_tokens(x, rows, kv_heads, tokens):
