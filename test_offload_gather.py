@@ -71,6 +71,33 @@ def test_a_cpu_store_does_not_read_on_a_gpu():
     assert not store.on_gpu and not store.k[0].is_pinned()
 
 
+def test_the_recomputing_step_traces_whole_through_the_op(tiny_ckpt, interpreter):
+    """The CaliDrop step with its store read through the op (as on a GPU; here the op runs the kernel in the
+    interpreter on the CPU store), compiled whole (fullgraph, aot_eager: the tracing, the fake, the op in
+    the graph) with every step recomputing a few pages: the same logits as the eager host read."""
+    from generate import prefill_and_compress
+    from model import decode_one_token, load_model
+
+    model = load_model(tiny_ckpt)
+    L, n = 48, 5
+    tokens = random_tokens(1, L + n, seed=6)
+    config = cfg("snapkv", theta1=2.0, theta2=-1.0, reload_pages=2, page_size=4)
+    logits = {}
+    with torch.inference_mode():
+        for mode in ("host", "op"):
+            _, cache = prefill_and_compress(model, tokens[:, :L], config, n)
+            step = decode_one_token
+            if mode == "op":
+                store = cache.store
+                store.on_gpu = {i: (store.k[i], store.v[i]) for i in store.k}
+                store.gpu_read = offload_gather.read_tokens
+                step = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True, dynamic=False)
+            logits[mode] = torch.stack([step(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
+                                        for t in range(L, L + n)], 1)
+            assert cache.reloads.sum() > 0
+    torch.testing.assert_close(logits["op"], logits["host"], atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- on a GPU
 
 @cuda
