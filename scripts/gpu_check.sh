@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU checks (issue 25), sized for one device lease: at most 8 minutes on an H200, compiles included;
-# each command has a timeout (110 + 280 + 70 s). No weights travel: random weights at Llama-3-8B's layer
+# each command has a timeout (130 + 270 + 70 s). No weights travel: random weights at Llama-3-8B's layer
 # shape with 8 layers instead of 32 (../shared/gpu/llama3-8b-8layers-32k.json; written here if absent).
 #   1. the CUDA tests: offload_gather.py's device read (eager, and inside a compiled step captured as CUDA
 #      graphs, against the host read), its kernel in Triton's interpreter, the pinned store's reloads, the
@@ -44,12 +44,12 @@ esac
   echo "config $CONFIG, lengths $LENGTHS, device $DEVICE"
 } 2>&1 | tee "$OUT/gpu_check.txt"
 
-timeout 110 python3 -m pytest -q -p no:cacheprovider -rs test_offload_gather.py test_calidrop.py test_model.py \
+timeout 130 python3 -m pytest -q -p no:cacheprovider -rs test_offload_gather.py test_calidrop.py test_model.py \
     -k "cuda or gather or flex" \
     2>&1 | tail -n 30 | tee -a "$OUT/gpu_check.txt"
 stamp "CUDA tests"
 
-timeout 280 python3 bench.py --device "$DEVICE" --dtype bfloat16 --random-weights "$CONFIG" --lengths "$LENGTHS" \
+timeout 270 python3 bench.py --device "$DEVICE" --dtype bfloat16 --random-weights "$CONFIG" --lengths "$LENGTHS" \
     --methods snapkv --budget 256 --recompute-heads 2 --new-tokens 32 --compile-new-tokens 16 --warmup 3 \
     --json "$OUT/bench_8layers.json" 2>&1 | tee "$OUT/bench_8layers.txt"
 stamp "bench, $CONFIG at $LENGTHS, bf16"
