@@ -520,16 +520,26 @@ class OffloadStore:
     def __init__(self, device):
         self.device = torch.device(device)
         self.k, self.v = {}, {}
+        self.on_gpu = {}  # layer -> CUDA-typed views of its pinned k, v, which the GPU reads itself
 
     def put(self, layer, k, v):
         """k, v (B, Hkv, E, D): one layer's evicted tokens."""
         pin = self.device.type == "cpu" and k.device.type == "cuda"
         self.k[layer], self.v[layer] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x)
                                         for x in (k, v))
+        if pin:
+            try:  # offload_gather.py (Triton): the GPU gathers from pinned memory, no host sync in the step
+                import offload_gather
+            except ImportError:  # that file, triton or numpy missing: read_tokens' host gather
+                return
+            self.gpu_read = offload_gather.read_tokens
+            self.on_gpu[layer] = (offload_gather.cuda_view(self.k[layer]), offload_gather.cuda_view(self.v[layer]))
 
     def read(self, layer, rows, kv_heads, tokens):
         """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]) -> k, v (n, S, D) on rows' device;
         only those tokens are read."""
+        if layer in self.on_gpu:
+            return tuple(self.gpu_read(x, rows, kv_heads, tokens) for x in self.on_gpu[layer])
         return tuple(read_tokens(x[layer], rows, kv_heads, tokens) for x in (self.k, self.v))
 
     def get(self, layer):

@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import TINY, tiny_weights, write_checkpoint
-from model import CheckpointError, FullCache, decode_one_token, load_model, prefill
+from model import CheckpointError, FullCache, decode_one_token, flex_decode, load_model, prefill
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,6 +31,48 @@ def test_token_by_token_decode_equals_one_forward(tiny_ckpt, batch):
         for t in range(8, 39):
             logits.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
     torch.testing.assert_close(torch.stack(logits, 1), reference[:, 7:39], atol=1e-5, rtol=1e-5)
+
+
+def cuda_layout(monkeypatch):
+    """Make F.scaled_dot_product_attention return its output as CUDA's float32 kernels lay it out: (B, T, H, D)
+    in memory, transposed to (B, H, T, D). The same values; a view that merges H and T then fails."""
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kw: sdpa(*args, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def test_decode_takes_attention_output_in_any_layout(tiny_ckpt, monkeypatch):
+    """The decode step's grouped attention (B, Hkv, G, D) -> (B, Hq, 1, D) on a non-contiguous output (issue 25:
+    "view size is not compatible with input tensor's size and stride" on CUDA float32)."""
+    model = load_model(tiny_ckpt)
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = full_forward(model, tokens)
+        cuda_layout(monkeypatch)
+        cache = FullCache(model.args, 2, 20)
+        logits = [prefill(model, tokens[:, :8], cache)]
+        for t in range(8, 19):
+            logits.append(decode_one_token(model, tokens[:, t:t + 1], torch.tensor([t]), cache))
+    torch.testing.assert_close(torch.stack(logits, 1), reference[:, 7:19], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh runs it on one)"))])
+def test_flex_decode_equals_the_masked_sdpa_decode(device):
+    """The full cache's compiled decode on a GPU (FlexAttention, split over the keys) against its decode
+    elsewhere (SDPA over the masked buffer), compiled with the buffer's length dynamic, as bench.py compiles
+    the full row: GQA, lengths not a multiple of a block, slots after pos masked."""
+    step = torch.compile(flex_decode, fullgraph=True)
+    g = torch.Generator().manual_seed(7)
+    for S in (300, 517):
+        q = torch.randn(2, 8, 1, 64, generator=g).to(device)
+        k, v = (torch.randn(2, 2, S, 64, generator=g).to(device) for _ in range(2))
+        torch._dynamo.mark_dynamic(k, 2), torch._dynamo.mark_dynamic(v, 2)
+        pos = torch.tensor([S - 7], device=device)
+        mask = torch.arange(S, device=device) <= pos[:, None]
+        masked = F.scaled_dot_product_attention(q.view(2, 2, 4, 64), k, v, attn_mask=mask)
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            torch.testing.assert_close(step(q, k, v, pos), masked.reshape(2, 8, 1, 64), atol=1e-4, rtol=1e-4)
 
 
 def test_chunked_prefill_equals_one_forward(tiny_ckpt):

@@ -287,3 +287,21 @@ def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, tmp_path, capsys):
     assert exit_.value.code == 2
     assert err.startswith("error:") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_kv_cache_decode_takes_attention_output_in_any_layout(monkeypatch):
+    """KVCache's decode on an attention output laid out as CUDA's float32 kernels return it, (B, T, H, D) in
+    memory (issue 25: "view size is not compatible" there): the same result as from a contiguous one."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 9, 16, generator=g)
+    k, v = torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    outs = []
+    for layout in ("contiguous", "cuda"):
+        if layout == "cuda":
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                                lambda *args, **kw: sdpa(*args, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+        cache = tc.KVCache(12)
+        cache.attend(0, q[:, :, :8], k[:, :, :8], v[:, :, :8], torch.arange(8))
+        outs.append(cache.attend(0, q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], torch.tensor([8])))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

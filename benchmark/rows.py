@@ -158,10 +158,11 @@ class Steps:
         if mode == "eager":
             return decode_one_token
         full, recomputes = variant.config is None, variant.recomputes
-        cuda_graphs = uses_cuda_graphs(self.device, variant)
+        cuda_graphs = uses_cuda_graphs(self.device, variant, cache)
         key = (full, cuda_graphs, recomputes)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
+            fn = decode_keeping_history if cuda_graphs and recomputes else decode_one_token
+            self._compiled[key] = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None,
                                                 fullgraph=True, dynamic=None if full else False)
         compiled = self._compiled[key]
         if not full:
@@ -181,10 +182,24 @@ class Steps:
         return counters["stats"]["unique_graphs"]
 
 
-def uses_cuda_graphs(device, variant):
-    """CUDA graphs (reduce-overhead) for every compiled row on CUDA but the recomputing ones: their reads
-    come from the offload store in host memory, which a graph cannot capture."""
-    return device.type == "cuda" and not variant.recomputes
+def uses_cuda_graphs(device, variant, cache):
+    """CUDA graphs (reduce-overhead) for every compiled row on CUDA; a recomputing row's only where the GPU
+    reads the offload store itself (offload_gather.py, Triton): otherwise its reads go through the host,
+    which a graph cannot capture."""
+    return device.type == "cuda" and (not variant.recomputes or bool(getattr(cache.store, "on_gpu", None)))
+
+
+def decode_keeping_history(model, token, pos, cache):
+    """decode_one_token for a recomputing cache under CUDA graphs. calidrop.py's refresh_history binds each
+    layer's history (hist_q, hist_out, hist_lse) to new tensors, which would be outputs of one replay
+    handed to the next (that replay overwrites them): copy them back into the buffers the graph was
+    recorded with, inside the graph, and keep those."""
+    held = [(state, state.hist_q, state.hist_out, state.hist_lse) for state in cache.layers]
+    logits = decode_one_token(model, token, pos, cache)
+    for state, q, out, lse in held:
+        q.copy_(state.hist_q), out.copy_(state.hist_out), lse.copy_(state.hist_lse)
+        state.hist_q, state.hist_out, state.hist_lse = q, out, lse
+    return logits
 
 
 def prepare_for_cuda_graphs(cache):
@@ -194,30 +209,36 @@ def prepare_for_cuda_graphs(cache):
         torch._dynamo.mark_static_address(t)
 
 
-def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False):
-    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps). Returns the tokens
-    and, per step, its time, whether something compiled in it, and the layers that reloaded."""
+def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False, forced=None):
+    """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps); with `forced` (another
+    row's tokens), teacher-forced: each step is fed forced's token, so that both rows see the same inputs.
+    Returns the tokens (each step's argmax), per step its time, whether something compiled in it and the
+    layers that reloaded, and the first sequence's logits (n_new - 1, vocab) on the CPU."""
     token = shared.first.clone()  # (B, 1)
     pos = torch.tensor([shared.length], device=device)
-    tokens, times, compiled, reloads = [token], [], [], []
+    tokens, times, compiled, reloads, seen = [token], [], [], [], []
     counts = cache.counts[..., 1].sum((1, 2)).cpu() if track_reloads else None
-    for _ in range(n_new - 1):
+    for i in range(n_new - 1):
         graphs = Steps.graphs()
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         synchronize(device)
         t0 = time.perf_counter()
-        token = step(model, token, pos, cache).argmax(-1, keepdim=True)
+        logits = step(model, token, pos, cache)
+        token = logits.argmax(-1, keepdim=True)
         synchronize(device)
         times.append(time.perf_counter() - t0)
         compiled.append(Steps.graphs() != graphs)
+        seen.append(logits[0].cpu())  # outside the timed region; a copy (a CUDA graph reuses its output)
         tokens.append(token)
+        if forced is not None and i + 1 < len(forced):
+            token = torch.full_like(token, forced[i + 1])
         pos += 1
         if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
             now = cache.counts[..., 1].sum((1, 2)).cpu()
             reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
             counts = now
-    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads  # the first sequence's tokens
+    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads, torch.stack(seen)
 
 
 def timing_summary(times, compiled, warmup):
@@ -229,11 +250,12 @@ def timing_summary(times, compiled, warmup):
             "tokens_per_s": len(kept) / sum(kept), "excluded_compile_steps": sum(compiled[warmup:])}
 
 
-def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
-    """Build the row's cache from the shared prefill, decode, and measure."""
+def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, reference=None):
+    """Build the row's cache from the shared prefill, decode, and measure. reference: the eager row's tokens
+    and logits, which a compiled row is teacher-forced on and compared with. Returns the row and its first
+    sequence's logits (on the CPU)."""
     n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
     recomputes = variant.recomputes
-    cuda_graphs = mode == "compile" and uses_cuda_graphs(device, variant)
     other_bytes = 0
     if variant.config is None:
         cache, compress_s = shared.full, 0.0
@@ -250,6 +272,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
                                                     shared.room, inv_freq=model.inv_freq)
         synchronize(device)
         compress_s = time.perf_counter() - t0
+    cuda_graphs = mode == "compile" and uses_cuda_graphs(device, variant, cache)
     if cuda_graphs:
         prepare_for_cuda_graphs(cache)
     held = cache_tensors(cache)
@@ -260,8 +283,9 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
-    tokens, times, compiled, reloads = decode(steps.get(mode, variant, cache), model, shared, cache, n_new, device,
-                                              args.warmup, recomputes, cuda_graphs)
+    tokens, times, compiled, reloads, logits = decode(steps.get(mode, variant, cache), model, shared, cache, n_new,
+                                                      device, args.warmup, recomputes, cuda_graphs,
+                                                      None if reference is None else reference[0])
     decode_s = time.perf_counter() - t0
     timing = timing_summary(times, compiled, args.warmup)
     fed = n_new - 1  # the last sampled token is never fed
@@ -277,6 +301,8 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
            "peak_memory_bytes": peak, "weight_bytes": wbytes,
            **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
            "bytes_check": check_bytes(cache, stats), "tokens": tokens}
+    if reference is not None:
+        row.update(compare_logits(logits, reference[1], model.embed_tokens.weight.dtype))
     if variant.config is not None:
         c = variant.config
         row.update(method=c.method, budget=c.budget, theta1=c.theta1 if c.calibration else None,
@@ -309,7 +335,24 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw):
         row["bound_fraction"] = bound_s * steps_per_s  # the time the bytes alone need, over the step's
     if variant.config is not None:
         del cache
-    return row
+    return row, logits
+
+
+COMPILE_TOLERANCE_EPS = 8  # in 16-bit dtypes: compiled logits within 8 eps x the largest |logit| of eager's
+
+
+def compare_logits(logits, eager, dtype):
+    """A compiled row's logits (teacher-forced on the eager tokens) against the eager row's, step by step: the
+    largest difference, and where the dtype is 16-bit the tolerance it is held to. In float32 the check is
+    exact greedy token identity; in bfloat16 / float16 the step rounds its activations at every layer and
+    compiled kernels round in other places (random weights give near-tied logits), so the check is
+    max |compiled - eager| <= COMPILE_TOLERANCE_EPS x eps(dtype) x max |eager logit|."""
+    n = min(len(logits), len(eager))
+    diff = (logits[:n] - eager[:n]).abs().max().item() if n else 0.0
+    exact = dtype in (torch.float32, torch.float64)
+    scale = eager[:n].abs().max().item() if n else 0.0
+    return {"logits_max_diff_vs_eager": diff, "logits_max_abs": scale,
+            "logits_tolerance": None if exact else COMPILE_TOLERANCE_EPS * torch.finfo(dtype).eps * scale}
 
 
 

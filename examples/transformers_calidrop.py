@@ -86,7 +86,8 @@ class KVCache:
         # the query heads that share a KV head act as G queries of that head: each K/V is read once
         mask = torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]
         grouped = q.view(B, k_all.shape[1], -1, D)
-        return F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask).view(B, Hq, 1, D)
+        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask)  # (B, Hkv, G, D)
+        return out.reshape(B, Hq, 1, D)  # not view: CUDA's float32 kernels return it non-contiguous
 
     def keys_values(self):
         """Per layer, in order: (B, Hkv, max_len, D) keys and values."""

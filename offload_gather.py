@@ -1,0 +1,119 @@
+"""The GPU reads the offload store itself: a gather of rows of a pinned host tensor by a Triton kernel.
+
+calidrop.OffloadStore keeps the evicted K/V in pinned host memory when the model runs on a GPU. Without
+this file a recompute moves its token indices to the host (the step waits for the GPU queue to drain),
+gathers there and copies the rows back: a host sync per layer, so the step cannot be one CUDA graph. With
+it, the GPU gathers the rows over the host link itself (unified addressing: device code can load pinned
+host memory), with indices that never leave the device; the step has no host sync and can be captured.
+
+How the store reaches the kernel: a CUDA-typed view of the pinned tensor (`cuda_view`), not its address
+as an int. Pinned memory from `pin_memory()` comes from cudaHostAlloc, whose device address is the host
+address under unified addressing; `torch.as_tensor` of an object exposing `__cuda_array_interface__`
+with that address wraps it as a CUDA tensor without a copy (vLLM's `get_cuda_view_from_cpu_tensor` does
+the same in C++). Why a view: (1) every argument of the op is then a CUDA tensor, which inductor and
+CUDA-graph capture accept (a CPU tensor argument makes inductor refuse a user Triton kernel, and
+cudagraph trees skip a graph with CPU inputs); (2) an int address would be a constant of the compiled
+graph, so a new cache (a new store, new addresses) would recompile the whole step, while a view is one
+more cache tensor: marked static (`torch._dynamo.mark_static_address`, unguarded), it is neither copied
+into the graph's pool at each replay (which would move the whole store every step) nor guarded on, and
+a new address re-records the graph, as the kept cache's buffers do.
+
+Why a Triton kernel behind a custom op, rather than `index_select` on the view (which would also run on
+the GPU): the op is opaque to inductor, so no fused kernel reads the host rows twice, and each program
+loads whole rows (D contiguous values) with vector loads, many rows in flight: scattered small reads
+over the link are latency-bound. The rows a recompute reads come in pages (page_size consecutive
+tokens, 16 x D values in a row), so they are not sorted here. Not tuned on a GPU (BLOCK_ROWS, warps).
+
+Tests run the kernel on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, needs numpy), where it
+must equal a torch gather bit for bit; on CPU tensors without the interpreter the op is a torch gather.
+Needs triton and numpy (torch's `__cuda_array_interface__` reader uses numpy): importing this file
+raises ImportError where either is missing, and calidrop.py then keeps its host gather.
+"""
+import os
+
+import numpy  # noqa: F401  (torch.as_tensor reads __cuda_array_interface__ through numpy)
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 8  # rows per program: small, so that many programs (and loads) are in flight
+
+
+def _gather_rows(src, index, out, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[i] = src[index[i]] for i < n_rows; src (N, D) and out (n_rows, D) contiguous, index int64."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    live = rows < n_rows
+    where = tl.load(index + rows, mask=live, other=0)  # int64: the store can hold > 2^31 values
+    mask = live[:, None] & (cols[None, :] < D)
+    x = tl.load(src + where[:, None] * D + cols[None, :], mask=mask)
+    tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :], x, mask=mask)
+
+
+_compiled = triton.jit(_gather_rows)
+_interpreted = None
+
+
+def _kernel(device):
+    """The compiled kernel for CUDA tensors; for CPU tensors the interpreted one under TRITON_INTERPRET=1,
+    else None (a torch gather). Chosen per call, so that one process can test both."""
+    global _interpreted
+    if device.type == "cuda":
+        return _compiled
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    if _interpreted is None:
+        from triton.runtime.interpreter import InterpretedFunction
+        _interpreted = InterpretedFunction(_gather_rows)
+    return _interpreted
+
+
+@torch.library.custom_op("calidrop::gather_rows", mutates_args=())
+def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src (N, D), index (...) int64 on src's device -> src[index] (..., D), read by the device itself."""
+    N, D = src.shape
+    out = torch.empty(*index.shape, D, dtype=src.dtype, device=index.device)
+    kernel = _kernel(src.device)
+    if kernel is None:
+        return out.copy_(src.index_select(0, index.flatten()).view_as(out))
+    if index.numel():
+        src, index = src.contiguous(), index.contiguous()
+        grid = (triton.cdiv(index.numel(), BLOCK_ROWS),)
+        kernel[grid](src, index, out, index.numel(), D, BLOCK_ROWS, triton.next_power_of_2(D))
+    return out
+
+
+@gather_rows.register_fake
+def _(src, index):
+    return torch.empty(*index.shape, src.shape[1], dtype=src.dtype, device=index.device)
+
+
+def read_tokens(x, rows, kv_heads, tokens):
+    """calidrop.read_tokens for a store the device can read (a CUDA view of pinned memory, or any tensor on
+    the indices' device): x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D)."""
+    B, Hkv, E, D = x.shape
+    flat = (rows * Hkv + kv_heads)[:, None] * E + tokens  # (n, S) rows of x viewed (-1, D)
+    return gather_rows(x.view(-1, D), flat)
+
+
+class _HostArray:
+    """Pinned host memory announced as CUDA memory (its device address is its host address); holds the
+    tensor, so that the view keeps it alive."""
+
+    def __init__(self, pinned):
+        self.pinned = pinned
+        typestr = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}[pinned.element_size()]  # numpy has no bfloat16
+        self.__cuda_array_interface__ = {"shape": tuple(pinned.shape), "typestr": typestr,
+                                         "data": (pinned.data_ptr(), False), "strides": None, "version": 2}
+
+
+def cuda_view(pinned):
+    """A CUDA tensor over the same memory as the pinned host tensor (no copy), marked static for CUDA
+    graphs. Written through the host tensor only before any read (the store is filled once)."""
+    if not (pinned.is_pinned() and pinned.is_contiguous()):
+        raise ValueError("cuda_view needs a contiguous pinned tensor")
+    view = torch.as_tensor(_HostArray(pinned), device="cuda").view(pinned.dtype)  # older torch: CPU by default
+    if not (view.is_cuda and view.data_ptr() == pinned.data_ptr()):
+        raise RuntimeError("cuda_view: torch copied the pinned memory instead of viewing it")
+    torch._dynamo.mark_static_address(view)  # unguarded: a new store re-records the graph, never copied
+    return view
