@@ -449,9 +449,10 @@ class CaliDropCache:
             out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
             lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
             self.reload_tokens[layer].view(-1).index_add_(0, rows * Hkv + kv_heads, visible.sum(-1))
-        state.hist_q = torch.where(recompute[..., None], q, state.hist_q)
-        state.hist_out = torch.where(recompute[..., None], out, state.hist_out)
-        state.hist_lse = torch.where(recompute, lse, state.hist_lse)
+        # in place: a CUDA graph replays into the buffers it was recorded with
+        state.hist_q.copy_(torch.where(recompute[..., None], q, state.hist_q))
+        state.hist_out.copy_(torch.where(recompute[..., None], out, state.hist_out))
+        state.hist_lse.copy_(torch.where(recompute, lse, state.hist_lse))
         self.reloads[layer] += reload
 
     # -------------------------------------------------------------------------------- 5. accounting

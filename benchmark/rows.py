@@ -161,8 +161,7 @@ class Steps:
         cuda_graphs = uses_cuda_graphs(self.device, variant, cache)
         key = (full, cuda_graphs, recomputes)
         if key not in self._compiled:
-            fn = decode_keeping_history if cuda_graphs and recomputes else decode_one_token
-            self._compiled[key] = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None,
+            self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
                                                 fullgraph=True, dynamic=None if full else False)
         compiled = self._compiled[key]
         if not full:
@@ -187,19 +186,6 @@ def uses_cuda_graphs(device, variant, cache):
     reads the offload store itself (offload_gather.py, Triton): otherwise its reads go through the host,
     which a graph cannot capture."""
     return device.type == "cuda" and (not variant.recomputes or bool(getattr(cache.store, "on_gpu", None)))
-
-
-def decode_keeping_history(model, token, pos, cache):
-    """decode_one_token for a recomputing cache under CUDA graphs. calidrop.py's refresh_history binds each
-    layer's history (hist_q, hist_out, hist_lse) to new tensors, which would be outputs of one replay
-    handed to the next (that replay overwrites them): copy them back into the buffers the graph was
-    recorded with, inside the graph, and keep those."""
-    held = [(state, state.hist_q, state.hist_out, state.hist_lse) for state in cache.layers]
-    logits = decode_one_token(model, token, pos, cache)
-    for state, q, out, lse in held:
-        q.copy_(state.hist_q), out.copy_(state.hist_out), lse.copy_(state.hist_lse)
-        state.hist_q, state.hist_out, state.hist_lse = q, out, lse
-    return logits
 
 
 def prepare_for_cuda_graphs(cache):
