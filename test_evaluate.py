@@ -70,17 +70,19 @@ def test_threshold_extremes_are_valid(theta1, theta2):
     evaluate.check_args(evaluate.parse_args(["--theta1", str(theta1), "--theta2", str(theta2)]))
 
 
-@pytest.mark.parametrize("method", ["snapkv", "h2o"])
-def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
+@pytest.mark.parametrize("method, capacity", [("snapkv", None), ("h2o", None), ("snapkv", 1)])
+def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method, capacity):
     """evaluate.py selects and calibrates once per (method, budget) and decodes the variants as rows of
     shared caches: each row's log-probs, decisions and bytes equal those of the variant's own cache, built
-    and decoded alone the way generate.py does."""
+    and decoded alone the way generate.py does. With a reload capacity (shared by a batch) each variant is
+    a cache of its own, whose batch is the 2 distinct sequences, as generate.py's cache of both would be."""
     model = load_model(tiny_ckpt)
     torch.manual_seed(0)
     L, n = 48, 12
     tokens = torch.randint(3, model.args.vocab_size, (2, L + n))
     # pages of 4 of the 32 evicted tokens: 3 per recompute by default, and variants that read 2 or all
-    args = evaluate.parse_args(["--window", "4", "--sink", "4", "--page-size", "4", "--reload-pages", "3"])
+    args = evaluate.parse_args(["--window", "4", "--sink", "4", "--page-size", "4", "--reload-pages", "3",
+                                *(["--reload-capacity", str(capacity)] if capacity else [])])
     names = ("evict", "calibrate", "recompute", "calidrop", "calidrop+int8-offload", "recompute-all",
              "calidrop@all", "recompute+int8-offload@2")
     with torch.inference_mode():
@@ -90,7 +92,10 @@ def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method):
         for _, _, variant, cache, in_cache, in_batch in layout:
             theta1, theta2 = variants.thresholds(variant, args)
             config = calidrop.CaliDropConfig(method=method, budget=16, window=4, sink=4, theta1=theta1, theta2=theta2,
-                                             page_size=4, reload_pages=variants.reload_pages(variant, args))
+                                             page_size=4, reload_pages=variants.reload_pages(variant, args),
+                                             reload_capacity=capacity)
+            if capacity:
+                assert cache.counts.shape[1] == 2, variant  # its own cache: the batch of its sequences
             store = variants.make_store(variants.offload(variant), "cpu") or calidrop.OffloadStore("cpu")
             _, alone = generate.prefill_and_compress(model, tokens[:, :L], config, n, store)
             logp = torch.stack(list(variants.feed(model, alone, tokens[:, L:], L)), 1)
