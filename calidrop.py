@@ -258,28 +258,20 @@ class CaliDropConfig:
 # -------------------------------------------------------------------------------------- 4. decoding
 
 def reading_pairs(reload, capacity=None):
-    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each, or
-    None for every pair in order.
+    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
 
     reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
-    depend on the decisions, so that the step is one graph with no host sync: every pair (None), or with a
+    depend on the decisions, so that the step is one graph with no host sync: every pair in order, or with a
     capacity, `capacity` pairs of the batch, the reloading ones first; a pair that does not need it has
     needed False and reads a dummy token."""
     if not torch.compiler.is_compiling():
         rows, kv_heads = reload.nonzero(as_tuple=True)
         return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
     B, Hkv = reload.shape
-    if capacity is None or capacity >= B * Hkv:
-        return None
-    pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
+    pairs = torch.arange(B * Hkv, device=reload.device)
+    if capacity is not None and capacity < B * Hkv:
+        pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
     return pairs // Hkv, pairs % Hkv, reload.flatten()[pairs]
-
-
-def every_pair(reload):
-    """reading_pairs' None spelled out: rows, kv_heads, needed (B x Hkv,) for every pair in order."""
-    B, Hkv = reload.shape
-    rows = torch.arange(B, device=reload.device).repeat_interleave(Hkv)
-    return rows, torch.arange(Hkv, device=reload.device).repeat(B), reload.flatten()
 
 
 AUTO_PAGES, AUTO_SHARE = 12, 1 / 16  # reload_pages "auto": 1/16 of the evicted pages, at least 12
@@ -287,12 +279,10 @@ SKETCH_RANK = 16  # principal directions of the pre-RoPE keys that the key sketc
 
 
 def pages_to_read(config, evicted_len, group, head_dim, offloaded, rank=SKETCH_RANK):
-    """Pages a recompute reads per KV head, or None: every evicted token (the dense recompute, exact).
-
-    theta1 > 1 recomputes at every step to give the full cache's output (the exactness check): every token.
-    A number N: N pages, ranked by the key sketch. "auto" sizes the read to the evicted set, N = max(12,
-    1/16 of its P pages), and reads everything where that costs no more than ranking, counted in multiply-
-    adds per (sequence, KV head) with its G query heads, the keys rebuilt from their rank-r sketch:
+    """Pages a recompute reads per KV head, or None: every evicted token (the dense recompute, exact; so
+    with theta1 > 1, the exactness check). A number N: N pages ranked by the key sketch. "auto": N = max(12,
+    1/16 of the P pages), or every token where that costs no more than ranking, counted in multiply-adds
+    per (sequence, KV head) with its G query heads, the keys rebuilt from their rank-r sketch:
         every token:  E x 2GD                       (q.k and the weighted values)
         ranking:      (P + M x page_size) x (r + G)D + N x page_size x 2GD
     (every page's mean key, the M shortlisted pages token by token, then the N pages read). A store
@@ -429,13 +419,12 @@ class CaliDropCache:
         B, Hq, D = q.shape
         Hkv = state.k.shape[1]
         reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
-        pairs = reading_pairs(reload, self.config.reload_capacity)
-        if pairs is None and state.pages is None:  # every token of every pair: attend the store as it lies
+        rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
+        if state.pages is None and rows.numel() == B * Hkv:  # every token of every pair: the store as it lies
             k, v = (x.to(q.device) for x in self.store.get(layer))  # (B, Hkv, E, D)
             out, lse = attention_with_lse(q, k, v)  # (B, Hq, D), (B, Hq)
             self.reload_tokens[layer] += reload * state.evicted_len
         else:
-            rows, kv_heads, needed = pairs or every_pair(reload)  # (n,) each
             q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
             if state.pages is None:
                 tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each
@@ -508,7 +497,6 @@ def new_counters(n_layers, batch_heads, like):
     return zeros(n_layers, B, Hq, 3), zeros(n_layers, B, Hkv), zeros(n_layers, B, Hkv)
 
 
-
 # ------------------------------------------------------------------------------- 6. evicted pages
 
 class OffloadStore:
@@ -544,8 +532,8 @@ class OffloadStore:
         return tuple(read_tokens(x[layer], rows, kv_heads, tokens) for x in (self.k, self.v))
 
     def get(self, layer):
-        """Every evicted token of the layer: k, v (B, Hkv, E, D)."""
-        return self.k[layer], self.v[layer]
+        """Every evicted token of the layer: k, v (B, Hkv, E, D) (the GPU's views of them, where it has them)."""
+        return self.on_gpu.get(layer) or (self.k[layer], self.v[layer])
 
     def nbytes(self, layer=None):
         layers = self.k if layer is None else [layer]
