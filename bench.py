@@ -449,9 +449,9 @@ def run(args):
                 for variant in variants:
                     reference = None  # the eager row's tokens and logits: the compiled row is checked against them
                     for mode in args.modes:
-                        row, logits = run_row(variant, mode, shared, model, steps, args, device, wbytes, bounds,
-                                              reference)
-                        reference = (row["tokens"], logits) if mode == "eager" else None
+                        row, produced = run_row(variant, mode, shared, model, steps, args, device, wbytes, bounds,
+                                                reference)
+                        reference = produced if mode == "eager" else None
                         if variant.config is None:
                             full_tps[mode] = row["tokens_per_s"]
                         if variant.recomputes:

@@ -420,7 +420,8 @@ class CaliDropCache:
         Hkv = state.k.shape[1]
         reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
         rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
-        if state.pages is None and rows.numel() == B * Hkv:  # every token of every pair: the store as it lies
+        if state.pages is None and torch.compiler.is_compiling() and rows.numel() == B * Hkv:
+            # compiled, every token of every pair: attend the store as it lies, no gather
             k, v = (x.to(q.device) for x in self.store.get(layer))  # (B, Hkv, E, D)
             out, lse = attention_with_lse(q, k, v)  # (B, Hq, D), (B, Hq)
             self.reload_tokens[layer] += reload * state.evicted_len

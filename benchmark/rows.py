@@ -197,7 +197,9 @@ def prepare_for_cuda_graphs(cache):
 
 def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False, forced=None):
     """Greedy decode of n_new tokens (the first from the prefill; n_new - 1 steps); with `forced` (another
-    row's tokens), teacher-forced: each step is fed forced's token, so that both rows see the same inputs.
+    row's tokens, (B, n_new)), teacher-forced: each step is fed forced's tokens, so that both rows see the
+    same inputs (every sequence: with a reload capacity shared by the batch, one sequence's inputs move
+    the others' decisions).
     Returns the tokens (each step's argmax), per step its time, whether something compiled in it and the
     layers that reloaded, and the first sequence's logits (n_new - 1, vocab) on the CPU."""
     token = shared.first.clone()  # (B, 1)
@@ -217,14 +219,14 @@ def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=Fals
         compiled.append(Steps.graphs() != graphs)
         seen.append(logits[0].cpu())  # outside the timed region; a copy (a CUDA graph reuses its output)
         tokens.append(token)
-        if forced is not None and i + 1 < len(forced):
-            token = torch.full_like(token, forced[i + 1])
+        if forced is not None and i + 1 < forced.shape[1]:
+            token = forced[:, i + 1:i + 2].to(device)
         pos += 1
         if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
             now = cache.counts[..., 1].sum((1, 2)).cpu()
             reloads.append([i for i in range(len(now)) if now[i] > counts[i]])
             counts = now
-    return torch.cat(tokens, 1)[0].tolist(), times, compiled, reloads, torch.stack(seen)
+    return torch.cat(tokens, 1), times, compiled, reloads, torch.stack(seen)
 
 
 def timing_summary(times, compiled, warmup):
@@ -238,8 +240,8 @@ def timing_summary(times, compiled, warmup):
 
 def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, reference=None):
     """Build the row's cache from the shared prefill, decode, and measure. reference: the eager row's tokens
-    and logits, which a compiled row is teacher-forced on and compared with. Returns the row and its first
-    sequence's logits (on the CPU)."""
+    (B, n) and first sequence's logits, which a compiled row is teacher-forced on and compared with. Returns
+    the row and its own (tokens, logits), the reference for a compiled row of the same variant."""
     n_new = args.new_tokens if mode == "eager" else args.compile_new_tokens
     recomputes = variant.recomputes
     other_bytes = 0
@@ -269,9 +271,10 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, refer
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
-    tokens, times, compiled, reloads, logits = decode(steps.get(mode, variant, cache), model, shared, cache, n_new,
-                                                      device, args.warmup, recomputes, cuda_graphs,
-                                                      None if reference is None else reference[0])
+    every, times, compiled, reloads, logits = decode(steps.get(mode, variant, cache), model, shared, cache, n_new,
+                                                     device, args.warmup, recomputes, cuda_graphs,
+                                                     None if reference is None else reference[0])
+    tokens = every[0].tolist()  # the first sequence's
     decode_s = time.perf_counter() - t0
     timing = timing_summary(times, compiled, args.warmup)
     fed = n_new - 1  # the last sampled token is never fed
@@ -321,7 +324,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, refer
         row["bound_fraction"] = bound_s * steps_per_s  # the time the bytes alone need, over the step's
     if variant.config is not None:
         del cache
-    return row, logits
+    return row, (every, logits)
 
 
 COMPILE_TOLERANCE_EPS = 8  # in 16-bit dtypes: compiled logits within 8 eps x the largest |logit| of eager's

@@ -98,7 +98,8 @@ class SharedRows:
         return self.store.read(layer, rows % self.S, kv_heads, tokens)
 
     def get(self, layer):
-        return self.store.get(layer)
+        """Every evicted token of the layer, for every row: (n x S, Hkv, E, D), copies."""
+        return tuple(x.repeat(self.n, 1, 1, 1) for x in self.store.get(layer))
 
     def nbytes(self, layer=None):
         return self.n * self.store.nbytes(layer)
