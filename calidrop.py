@@ -297,7 +297,8 @@ def pages_to_read(config, evicted_len, group, head_dim, offloaded, rank=SKETCH_R
     if n >= P:
         return None
     every = evicted_len * 2 * group * head_dim
-    ranked = (P + shortlist_size(n, P) * config.page_size) * (rank + group) * head_dim + n * config.page_size * 2 * group * head_dim
+    ranked = ((P + shortlist_size(n, P) * config.page_size) * (rank + group) * head_dim
+              + n * config.page_size * 2 * group * head_dim)
     return n if offloaded or ranked < every else None
 
 

@@ -113,7 +113,8 @@ def test_recompute_every_step_equals_full_cache(model, method, pages):
     # reads every evicted token whatever --reload-pages says (2 of 8 pages would otherwise be ranked and read)
     L, n = 48, 16
     tokens = random_tokens(2, L + n, seed=2)
-    logits, cache = decode_logits(model, tokens, L, cfg(method, theta1=2.0, theta2=-1.0, page_size=4, reload_pages=pages))
+    config = cfg(method, theta1=2.0, theta2=-1.0, page_size=4, reload_pages=pages)
+    logits, cache = decode_logits(model, tokens, L, config)
     assert isinstance(cache, calidrop.CaliDropCache)
     assert all(s.kept_len < L for s in cache.layers)  # it really compressed
     torch.testing.assert_close(logits, full_logits(model, tokens)[:, L - 1:], atol=1e-4, rtol=0)

@@ -340,7 +340,8 @@ def test_compiled_dense_recompute_reads_the_store_in_place(model):
     for name, fn in (("eager", decode_one_token), ("compiled", step)):
         config = cfg("snapkv", theta1=0.0, theta2=0.2, reload_pages=None)
         _, cache = generate.prefill_and_compress(model, tokens[:, :L], config, 6)
-        logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache) for t in range(L, L + 6)], 1)
+        logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
+                              for t in range(L, L + 6)], 1)
         runs[name] = logits, cache.counts, cache.reload_tokens
     torch.testing.assert_close(runs["compiled"][0], runs["eager"][0], atol=1e-5, rtol=0)
     assert torch.equal(runs["compiled"][1], runs["eager"][1]) and torch.equal(runs["compiled"][2], runs["eager"][2])

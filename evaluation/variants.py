@@ -145,7 +145,8 @@ def as_rows(base, args, variants, kind, pages):
     layers = []
     for state in base.layers:
         _, Hkv, _, D = state.k.shape
-        read = calidrop.pages_to_read(config, state.evicted_len, Hq // Hkv, D, offloaded=False) if base.recomputes else None
+        read = (calidrop.pages_to_read(config, state.evicted_len, Hq // Hkv, D, offloaded=False)
+                if base.recomputes else None)
         sketch = calidrop.KeySketch(*map(repeat, dataclasses.astuple(state.sketch))) if read is not None else None
         layers.append(dataclasses.replace(state, k=repeat(state.k), v=repeat(state.v), hist_q=repeat(state.hist_q),
                                           hist_out=repeat(state.hist_out), hist_lse=repeat(state.hist_lse),
