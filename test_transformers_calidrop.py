@@ -259,6 +259,17 @@ def test_generate_recompute_every_step_equals_full_cache_generate(tmp_path, arch
     assert not torch.equal(runs[0][:, :8], runs[1][:, :8])  # the sampled tokens are not the greedy ones
 
 
+def test_generate_without_compression_equals_full_cache_generate(tmp_path, one_thread):
+    """config None, and a prompt within the budget: the cache stays calidrop's full KVCache, and generate()
+    gives the model's own tokens."""
+    oracle, model = load_pair("Qwen2", tmp_path / "q")
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = hf_generate(oracle, tokens, max_new_tokens=16)
+    for config in (None, calidrop.CaliDropConfig(budget=64, window=8)):
+        cache = tc.GenerationCache(model, config, 16)
+        assert torch.equal(hf_generate(model, tokens, cache, max_new_tokens=16), expected)
+        assert isinstance(cache.kv, tc.KVCache) and cache.recorder is None
+
 @pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
 def test_generate_equals_the_adapters_loop(tmp_path, arch, one_thread):
     """CaliDropConfig's defaults (SnapKV, calibrate / recompute at 0.85 / 0.7, pages read as "auto" chooses)
