@@ -221,6 +221,145 @@ def test_unsupported_models_are_refused(tmp_path):
             attn_implementation="calidrop").eval(), tokens, None, 4)
 
 
+# ------------------------------------------------------------------ transformers' own generate() through the cache
+
+def load_pair(arch, path):
+    """A random `arch` saved by transformers, loaded with its sdpa attention (the oracle) and with calidrop's."""
+    path = save_random(arch, path)
+    return (transformers.AutoModelForCausalLM.from_pretrained(path).eval(),
+            transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="calidrop").eval())
+
+
+def hf_generate(model, tokens, cache=None, **kwargs):
+    """model.generate() on prompts of one length: the new tokens (B, N), pad_token_id 0 after a sequence stops."""
+    with torch.inference_mode():
+        out = model.generate(tokens, attention_mask=torch.ones_like(tokens), cache=cache, pad_token_id=0, **kwargs)
+    return out[:, tokens.shape[1]:]
+
+
+@pytest.mark.parametrize("arch, method", [("Llama", "snapkv"), ("Mistral", "h2o"), ("Qwen2", "streamingllm")])
+def test_generate_recompute_every_step_equals_full_cache_generate(tmp_path, arch, method, one_thread):
+    """theta1 > 1 recomputes every head at every step over every evicted token: model.generate() through the
+    cache gives the tokens of the model's own generate() with its full cache, greedy and sampled (temperature,
+    top-k, top-p) from the same seed; two sequences of 80 tokens compressed to 24."""
+    oracle, model = load_pair(arch, tmp_path / arch)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 80), generator=torch.Generator().manual_seed(1))
+    config = calidrop.CaliDropConfig(method=method, budget=24, window=8, sink=4, theta1=2.0)
+    runs = []
+    for settings in (dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_k=40, top_p=0.9)):
+        torch.manual_seed(5)
+        expected = hf_generate(oracle, tokens, max_new_tokens=24, **settings)
+        torch.manual_seed(5)
+        cache = tc.GenerationCache(model, config, 24)
+        got = hf_generate(model, tokens, cache, max_new_tokens=24, **settings)
+        assert expected.shape[1] > 8 and torch.equal(got, expected), settings
+        assert isinstance(cache.kv, calidrop.CaliDropCache) and cache.kv.decisions()["recompute"] == 1.0
+        assert cache.get_seq_length() == 80 + got.shape[1] - 1  # the last new token is never fed
+        runs.append(got)
+    assert not torch.equal(runs[0][:, :8], runs[1][:, :8])  # the sampled tokens are not the greedy ones
+
+
+def test_generate_without_compression_equals_full_cache_generate(tmp_path, one_thread):
+    """config None, and a prompt within the budget: the cache stays calidrop's full KVCache, and generate()
+    gives the model's own tokens."""
+    oracle, model = load_pair("Qwen2", tmp_path / "q")
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = hf_generate(oracle, tokens, max_new_tokens=16)
+    for config in (None, calidrop.CaliDropConfig(budget=64, window=8)):
+        cache = tc.GenerationCache(model, config, 16)
+        assert torch.equal(hf_generate(model, tokens, cache, max_new_tokens=16), expected)
+        assert isinstance(cache.kv, tc.KVCache) and cache.recorder is None
+
+@pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
+def test_generate_equals_the_adapters_loop(tmp_path, arch, one_thread):
+    """CaliDropConfig's defaults (SnapKV, calibrate / recompute at 0.85 / 0.7, pages read as "auto" chooses)
+    at budget 48 on two prompts of 200 tokens: model.generate() gives the adapter's greedy loop's tokens, and
+    its cache every per-(layer, sequence, head) decision count, reload and evicted token read."""
+    _, model = load_pair(arch, tmp_path / arch)
+    model.generation_config.eos_token_id = None  # the loop stops only on stop_ids
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 200), generator=torch.Generator().manual_seed(7))
+    config = calidrop.CaliDropConfig(budget=48)
+    want, reference = tc.generate(model, tokens, config, 24)
+    cache = tc.GenerationCache(model, config, 24)
+    got = hf_generate(model, tokens, cache, max_new_tokens=24, do_sample=False)
+    assert torch.equal(got, want)
+    assert torch.equal(cache.kv.counts, reference.counts)
+    assert torch.equal(cache.kv.reloads, reference.reloads)
+    assert torch.equal(cache.kv.reload_tokens, reference.reload_tokens)
+    assert cache.kv.counts[..., 0].sum() > 0 and cache.kv.counts[..., 1].sum() > 0  # both cases happen
+    assert all(layer.evicted_len == 152 for layer in cache.kv.layers)
+
+
+class Recorder(transformers.generation.BaseStreamer):
+    """Every put() and the number of end() calls."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+class StopOn(transformers.StoppingCriteria):
+    """Stops each sequence once it has produced `token`."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_generate_streams_and_stops_as_transformers_does(tmp_path, one_thread):
+    """A streamer gets the prompt, then each new token once, then one end(); an eos_token_id and a
+    StoppingCriteria each stop one of two sequences at their own step, and generation ends once both are
+    done, padding the first: the full-cache generate()'s tokens, with the cache's exact config."""
+    oracle, model = load_pair("Qwen2", tmp_path / "q")
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 60), generator=torch.Generator().manual_seed(2))
+    config = calidrop.CaliDropConfig(budget=24, window=8, theta1=2.0)
+    unstopped = hf_generate(model, tokens, tc.GenerationCache(model, config, 24), max_new_tokens=24)
+    eos, stop = int(unstopped[0, 4]), int(unstopped[1, 9])
+    first = [min(j for j in range(24) if int(row[j]) in (eos, stop)) for row in unstopped]
+    stops = dict(max_new_tokens=24, eos_token_id=eos,
+                 stopping_criteria=transformers.StoppingCriteriaList([StopOn(stop)]))
+    expected = hf_generate(oracle, tokens, **stops)
+    streamer = Recorder()
+    got = hf_generate(model, tokens, tc.GenerationCache(model, config, 24), streamer=streamer, **stops)
+    assert torch.equal(got, expected) and got.shape[1] == max(first) + 1 < 24
+    assert torch.equal(got[:, :min(first) + 1], unstopped[:, :min(first) + 1])
+    assert torch.equal(streamer.puts[0], tokens) and streamer.ends == 1
+    assert torch.equal(torch.stack([p.view(-1) for p in streamer.puts[1:]], 1), got)
+
+
+def test_generate_refuses_what_the_cache_cannot_serve(tmp_path, one_thread):
+    """One ValueError each: a model without calidrop attention, padding on either side, beam search, a second
+    generate() on a used cache, more new tokens than the cache has room for, and calidrop attention without
+    the cache."""
+    oracle, model = load_pair("Llama", tmp_path / "l")
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3))
+    config = calidrop.CaliDropConfig(budget=24, window=8)
+    with pytest.raises(ValueError, match='attn_implementation="calidrop"'):
+        tc.GenerationCache(oracle, config, 8)
+    for pad in (0, 39):  # left, right
+        mask = torch.ones_like(tokens)
+        mask[0, pad] = 0
+        with pytest.raises(ValueError, match="padding is not supported yet"), torch.inference_mode():
+            model.generate(tokens, attention_mask=mask, cache=tc.GenerationCache(model, config, 8), max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"beam search \(num_beams > 1\) is not supported"):
+        hf_generate(model, tokens, tc.GenerationCache(model, config, 8), max_new_tokens=8, num_beams=2)
+    cache = tc.GenerationCache(model, config, 8)
+    hf_generate(model, tokens, cache, max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"serves one generate\(\) call"):
+        hf_generate(model, tokens, cache, max_new_tokens=8)
+    with pytest.raises(ValueError, match="room for max_new_tokens=4"):
+        hf_generate(model, tokens, tc.GenerationCache(model, config, 4), max_new_tokens=8, eos_token_id=None)
+    with pytest.raises(ValueError, match="needs a CaliDrop cache"):
+        hf_generate(model, tokens, max_new_tokens=8)
+
+
 # ------------------------------------------------------------------------------------------------- the CLI
 
 def run_cli(script, *args):

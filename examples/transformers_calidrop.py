@@ -4,24 +4,39 @@
     python examples/transformers_calidrop.py --ckpt DIR --method full --prompt "..."
 
 How it plugs in. transformers' decoders that route attention through `AttentionInterface` (Llama, Mistral,
-Qwen2, ...) project q, k, v, apply RoPE, and call the function registered under `config._attn_implementation`
-as f(module, q, k, v, attention_mask, scaling=..., **kwargs), where kwargs carries the extra keyword arguments
-given to the model's forward. This file registers "calidrop": it hands the post-RoPE q (B, Hq, T, D), k, v
-(B, Hkv, T, D), `module.layer_idx` and the positions to the object passed as `model(..., calidrop_cache=...)`,
-that is to calidrop.py's seam `attend(layer, q, k, v, pos)`. The model runs with use_cache=False: a
-transformers `Cache` gets k and v in `update()` but never q, which the recorder and the calibration need, so
-the whole cache lives behind the attention function. A recompute reads only the evicted pages that a sketch
-of the pre-RoPE keys ranks first (CaliDropConfig.reload_pages), so the cache gets the model's RoPE
-frequencies, from its rotary embedding (`rope_inv_freq`).
+Qwen2, ...) project q, k, v, apply RoPE, give k and v to the layer's cache (`cache.update(k, v, layer_idx)`),
+and call the function registered under `config._attn_implementation` as f(module, q, k, v, attention_mask,
+scaling=..., **kwargs). This file registers "calidrop": it hands the post-RoPE q (B, Hq, T, D), k, v (B, Hkv,
+T, D), `module.layer_idx` and the positions to calidrop.py's seam `attend(layer, q, k, v, pos)` of a cache
+that reaches it one of two ways:
 
-In your code (prompts of one length, no padding; what was tested: the main README, "Use it in your
-transformers model"):
+  * `model.generate(input_ids, cache=GenerationCache(model, config, max_new_tokens), ...)` (`cache` is
+    transformers 5's name for `past_key_values`, which it still takes with a FutureWarning): a transformers
+    `Cache`, so generate() keeps everything it does (sampling, streamers, stopping criteria, EOS,
+    max_new_tokens) and only the attention changes. A `Cache` sees k and v in `update()` but never q, which
+    the recorder and the calibration need, and the attention function sees q, k, v but not the cache; so
+    `update()` returns k tagged with its cache (`k.calidrop_cache`) and the attention function hands q, k, v
+    to that cache. The first forward is the prefill, through the full cache wrapped in `PrefillRecorder`; its
+    last layer compresses it with `CaliDropCache.from_prefill`; every later forward decodes one token. A Cache
+    rather than a context manager: generate() takes one already, the convention a kvpress user knows, and it
+    needs no patching of the model.
+  * `model(..., use_cache=False, calidrop_cache=...)`: this file's own greedy loop (`generate`), the reference
+    the tests hold generate() to.
+
+A recompute reads only the evicted pages that a sketch of the pre-RoPE keys ranks first
+(CaliDropConfig.reload_pages), so the cache gets the model's RoPE frequencies, from its rotary embedding
+(`rope_inv_freq`). Refused with a ValueError: a model without attn_implementation="calidrop", a batch with
+padding (every prompt of a batch must have the same length: per-sequence lengths are not there yet), beam
+search and anything else that reorders, crops or re-prefills the cache (assisted decoding, chunked prefill).
+
+In your code (what was tested: the main README, "Use it in your transformers model"):
 
     import calidrop, transformers_calidrop                     # registers attn_implementation="calidrop"
     model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="calidrop")
     config = calidrop.CaliDropConfig(method="snapkv", budget=256)  # None: the full cache
-    new_ids, cache = transformers_calidrop.generate(model, input_ids, config, 128, stop_ids=[eos_id])
-    print(cache.decisions(), cache.stats(input_ids.shape[1] + new_ids.shape[1] - 1))
+    cache = transformers_calidrop.GenerationCache(model, config, max_new_tokens=128)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=128, do_sample=True, top_p=0.9)
+    print(cache.kv.decisions(), cache.kv.stats(cache.get_seq_length()))
 
 The CLI (the second half) takes generate.py's flags, with the same meanings, checks and stats fields.
 """
@@ -44,19 +59,27 @@ import calidrop  # noqa: E402
 
 def calidrop_attention(module, query, key, value, attention_mask, scaling=None, calidrop_cache=None,
                        position_ids=None, **kwargs):
-    """transformers' attention-function signature around `calidrop_cache.attend`.
+    """transformers' attention-function signature around the `attend` of the cache that `GenerationCache.update`
+    tagged `key` with, or else of `calidrop_cache`.
 
-    query (B, Hq, T, D), key, value (B, Hkv, T, D), post-RoPE, at positions position_ids (1, T) ->
+    query (B, Hq, T, D), key, value (B, Hkv, T, D), post-RoPE, at positions position_ids (B or 1, T) ->
     (B, T, Hq, D) and no attention weights. attention_mask is always None here: transformers builds masks
     only for the implementations it knows, and the caches below mask by position themselves."""
-    if calidrop_cache is None:
-        raise ValueError('attn_implementation="calidrop" needs model(..., calidrop_cache=...): '
-                         "run the model through prefill_and_compress() and next_logits()")
+    cache = getattr(key, "calidrop_cache", calidrop_cache)
+    if cache is None:
+        raise ValueError('attn_implementation="calidrop" needs a CaliDrop cache: model.generate(..., '
+                         "cache=GenerationCache(model, config, max_new_tokens)), or "
+                         "model(..., use_cache=False, calidrop_cache=...) as prefill_and_compress() does")
     if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5):
         raise ValueError(f"{type(module).__name__} scales its scores by {scaling}; calidrop.py by 1/sqrt(head_dim)")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError(f"{type(module).__name__}: soft-capped logits and attention sinks are not supported")
-    out = calidrop_cache.attend(module.layer_idx, query, key, value, position_ids[0])  # (B, Hq, T, D)
+    T = query.shape[2]
+    if T > 1 and module.layer_idx == 0 and not torch.equal(
+            position_ids, torch.arange(T, device=position_ids.device).expand_as(position_ids)):
+        raise ValueError("padding is not supported yet: every prompt of a batch must have the same length, "
+                         "with an attention_mask of ones (prompts of different lengths: one generate() each)")
+    out = cache.attend(module.layer_idx, query, key, value, position_ids[0])  # (B, Hq, T, D)
     return out.transpose(1, 2), None
 
 
@@ -134,26 +157,36 @@ def next_logits(model, tokens, pos, cache):
     return out.logits[:, -1].float()
 
 
+def prefill_cache(model, config, prompt_len, max_new_tokens):
+    """The full cache a prefill of prompt_len tokens runs through, and the PrefillRecorder that wraps it when
+    config (None: the full cache) will compress it (None when the prompt fits in the budget): (full, recorder)."""
+    check_model(model, prompt_len + max_new_tokens)
+    compress = config is not None and prompt_len > config.budget
+    full = KVCache(prompt_len if compress else prompt_len + max_new_tokens)
+    return full, calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o") if compress else None
+
+
+def compress(model, config, full, recorder, max_new_tokens, store=None):
+    """CaliDropCache.from_prefill on the finished prefill of `full`, recorded by `recorder`."""
+    keys, values = full.keys_values()
+    ranks_pages = config.recomputes and config.reload_pages is not None and not config.exact
+    inv_freq = rope_inv_freq(model, keys[0].shape[-1]) if ranks_pages else None
+    return calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, max_new_tokens, store, inv_freq)
+
+
 def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
     """generate.py's function of the same name on a transformers model: one prefill with the full cache; then,
     unless config is None (the full cache) or the prompt fits in the budget, compress it with
     CaliDropCache.from_prefill. tokens (B, L): one prompt length, no padding. Returns (logits, cache)."""
     B, L = tokens.shape
-    check_model(model, L + max_new_tokens)
-    compress = config is not None and L > config.budget
-    full = KVCache(L if compress else L + max_new_tokens)
-    recorder = calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o") if compress else full
-    logits = next_logits(model, tokens, torch.arange(L, device=tokens.device), recorder)
+    full, recorder = prefill_cache(model, config, L, max_new_tokens)
+    logits = next_logits(model, tokens, torch.arange(L, device=tokens.device), recorder or full)
     if not full.k:
         raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
                          "AttentionInterface")
-    if not compress:
+    if recorder is None:
         return logits, full
-    keys, values = full.keys_values()
-    ranks_pages = config.recomputes and config.reload_pages is not None and not config.exact
-    inv_freq = rope_inv_freq(model, keys[0].shape[-1]) if ranks_pages else None
-    return logits, calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, max_new_tokens, store,
-                                                       inv_freq)
+    return logits, compress(model, config, full, recorder, max_new_tokens, store)
 
 
 @torch.inference_mode()
@@ -172,6 +205,81 @@ def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
         new_ids.append(next_logits(model, new_ids[-1], pos, cache).argmax(-1, keepdim=True))
         done |= torch.isin(new_ids[-1][:, 0], stop)
     return torch.cat(new_ids, 1), cache
+
+
+class GenerationCache(transformers.Cache):
+    """The cache `model.generate(input_ids, cache=GenerationCache(model, config, max_new_tokens))`
+    decodes through, on a model loaded with attn_implementation="calidrop"; one per generate() call.
+
+    The first forward is the prefill: through a KVCache, wrapped in a PrefillRecorder when config compresses
+    the prompt (config None: the full cache), as prefill_and_compress does; its last layer compresses it with
+    CaliDropCache.from_prefill. Every later forward is one token, routed to `kv.attend`. `kv` is calidrop.py's
+    side of it: the KVCache, or after compression the CaliDropCache (decisions(), stats(), counts, reloads).
+    max_new_tokens: at most generate()'s, the room the cache keeps for the new tokens."""
+
+    def __init__(self, model, config, max_new_tokens, store=None):
+        check_model(model, max_new_tokens)
+        super().__init__(layers=[])  # no transformers layers: calidrop.py holds the K/V
+        self.model, self.config, self.max_new_tokens, self.store = model, config, max_new_tokens, store
+        self.n_layers = model.config.get_text_config().num_hidden_layers
+        self.kv = self.recorder = None  # the recorder only during a compressing prefill
+        self.prompt_len = self.length = 0  # length: tokens per sequence fed so far, this forward's included
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Called by each attention layer before its attention function: starts a forward at layer 0, and
+        returns k and v as they are, k tagged with this cache for `calidrop_attention`."""
+        if layer_idx == 0:
+            self.start_forward(key_states.shape[2])
+        key_states.calidrop_cache = self
+        return key_states, value_states
+
+    def start_forward(self, n_tokens):
+        if self.kv is None:  # the prefill
+            self.kv, self.recorder = prefill_cache(self.model, self.config, n_tokens, self.max_new_tokens)
+            self.prompt_len = n_tokens
+        elif n_tokens != 1:
+            raise ValueError("a GenerationCache serves one generate() call: one prefill, then one token per "
+                             "forward (no chunked prefill, assisted decoding or second call: make a new cache)")
+        elif self.length - self.prompt_len >= self.max_new_tokens:
+            raise ValueError(f"this GenerationCache has room for max_new_tokens={self.max_new_tokens}: "
+                             "make it with generate()'s max_new_tokens")
+        self.length += n_tokens
+
+    def attend(self, layer, q, k, v, pos):
+        if self.recorder is None:
+            return self.kv.attend(layer, q, k, v, pos)
+        out = self.recorder.attend(layer, q, k, v, pos)
+        if layer == self.n_layers - 1:  # the end of the prefill
+            self.kv = compress(self.model, self.config, self.kv, self.recorder, self.max_new_tokens, self.store)
+            self.recorder = None
+        return out
+
+    def get_seq_length(self, layer_idx=0):
+        return self.length
+
+    def get_max_length(self, layer_idx=None):
+        return -1
+
+    @property
+    def is_compileable(self):
+        return False
+
+    @property
+    def is_croppable(self):
+        return False
+
+    def reorder_cache(self, beam_idx):
+        raise ValueError("beam search (num_beams > 1) is not supported: it reorders the cache's sequences at "
+                         "every step, which calidrop.py's cache does not do; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats):
+        raise ValueError("a GenerationCache cannot repeat its sequences (contrastive search, beam search)")
+
+    def batch_select_indices(self, indices):
+        raise ValueError("a GenerationCache cannot select sequences (contrastive search, beam search)")
+
+    def crop(self, tokens_to_remove):
+        raise ValueError("a GenerationCache cannot be cropped (assisted or speculative decoding)")
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
