@@ -44,7 +44,12 @@ def count_or_all(text):
 
 def pages_or_auto(text):
     """--reload-pages: a count, `all` (None) or `auto`."""
-    return text if text == "auto" else count_or_all(text)
+    if text == "auto":
+        return text
+    try:
+        return count_or_all(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'all' or 'auto', not {text!r}") from None
 
 
 def add_reload_args(parser, pages_help="pages of evicted tokens a recompute reads per KV head: a number, all, or "
