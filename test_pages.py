@@ -203,6 +203,20 @@ def test_capacity_recomputes_the_stalest_kv_heads_first(model):
     assert torch.equal(state.hist_q[0, 2:], q[0, 2:]) and torch.equal(state.hist_q[0, :2], old[0][0, :2])
 
 
+def compiled_equals_eager(model, step, config, tokens, length):
+    """Decode tokens[:, length:] from a prefill of tokens[:, :length], eagerly and with the compiled step:
+    the logits within 1e-5, the decisions and the tokens read equal. Returns the decision counts."""
+    runs = {}
+    for name, fn in (("eager", decode_one_token), ("compiled", step)):
+        _, cache = generate.prefill_and_compress(model, tokens[:, :length], config, tokens.shape[1] - length)
+        logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
+                              for t in range(length, tokens.shape[1])], 1)
+        runs[name] = logits, cache.counts, cache.reload_tokens
+    torch.testing.assert_close(runs["compiled"][0], runs["eager"][0], atol=1e-5, rtol=0)
+    assert torch.equal(runs["compiled"][1], runs["eager"][1]) and torch.equal(runs["compiled"][2], runs["eager"][2])
+    return runs["eager"][1]
+
+
 @pytest.mark.parametrize("theta1, theta2", [(-1.0, 0.0), (0.0, 0.2)])
 def test_compiled_step_is_one_graph_and_equals_eager(model, theta1, theta2):
     """torch.compile(fullgraph=True) of the decode step (generate.py --compile, bench.py), calibrate-only and
@@ -217,17 +231,9 @@ def test_compiled_step_is_one_graph_and_equals_eager(model, theta1, theta2):
     step = torch.compile(decode_one_token, fullgraph=True)
     config = cfg("snapkv", theta1=theta1, theta2=theta2, page_size=4, reload_pages=2, reload_capacity=1)
     for length in (40, 56, 64):
-        tokens = random_tokens(2, length + 6, seed=length)
-        runs = {}
-        for name, fn in (("eager", decode_one_token), ("compiled", step)):
-            _, cache = generate.prefill_and_compress(model, tokens[:, :length], config, 6)
-            logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
-                                  for t in range(length, length + 6)], 1)
-            runs[name] = logits, cache.counts, cache.reload_tokens
-        torch.testing.assert_close(runs["compiled"][0], runs["eager"][0], atol=1e-5, rtol=0)
-        assert torch.equal(runs["compiled"][1], runs["eager"][1]) and torch.equal(runs["compiled"][2], runs["eager"][2])
+        counts = compiled_equals_eager(model, step, config, random_tokens(2, length + 6, seed=length), length)
         if theta1 > -1:
-            assert runs["eager"][1][..., 1].sum() > 0  # it did recompute
+            assert counts[..., 1].sum() > 0  # it did recompute
     assert counters["stats"]["unique_graphs"] - graphs == (1 if theta1 <= -1 else 2)
 
 
@@ -334,15 +340,7 @@ def test_compiled_dense_recompute_reads_the_store_in_place(model):
     """Compiled without a capacity, a recompute that reads every token attends the store as it lies (no
     gather): the logits, decisions and tokens read equal the eager step's, which gathers the reloading pairs."""
     torch._dynamo.reset()
-    tokens = random_tokens(2, L + 6, seed=11)
     step = torch.compile(decode_one_token, fullgraph=True)
-    runs = {}
-    for name, fn in (("eager", decode_one_token), ("compiled", step)):
-        config = cfg("snapkv", theta1=0.0, theta2=0.2, reload_pages=None)
-        _, cache = generate.prefill_and_compress(model, tokens[:, :L], config, 6)
-        logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
-                              for t in range(L, L + 6)], 1)
-        runs[name] = logits, cache.counts, cache.reload_tokens
-    torch.testing.assert_close(runs["compiled"][0], runs["eager"][0], atol=1e-5, rtol=0)
-    assert torch.equal(runs["compiled"][1], runs["eager"][1]) and torch.equal(runs["compiled"][2], runs["eager"][2])
-    assert runs["eager"][1][..., 1].sum() > 0
+    config = cfg("snapkv", theta1=0.0, theta2=0.2, reload_pages=None)
+    counts = compiled_equals_eager(model, step, config, random_tokens(2, L + 6, seed=11), L)
+    assert counts[..., 1].sum() > 0
