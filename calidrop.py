@@ -60,9 +60,11 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out.to(out_a.dtype), torch.logaddexp(lse_a, lse_b)
 
 
-def accumulate(q, k, v, chunk=1024):
-    """(out, lse) of q over all of k, v, merged chunk by chunk: memory O(chunk), not O(S)."""
-    pieces = (attention_with_lse(q, k[:, :, s:s + chunk], v[:, :, s:s + chunk])
+def accumulate(q, k, v, visible=None, chunk=1024):
+    """(out, lse) of q over k, v (the keys `visible` allows: None, all), merged chunk by chunk: memory
+    O(chunk), not O(S)."""
+    pieces = (attention_with_lse(q, k[:, :, s:s + chunk], v[:, :, s:s + chunk],
+                                 None if visible is None else visible[..., s:s + chunk])
               for s in range(0, max(k.shape[2], 1), chunk))
     return functools.reduce(lambda a, b: merge(*a, *b), pieces)
 
@@ -75,18 +77,18 @@ def group_mean(scores, n_kv_heads):
     return scores.view(B, n_kv_heads, Hq // n_kv_heads, L).mean(2)
 
 
-def score_streamingllm(length, sink, device=None):
-    """(L,): the first `sink` tokens (attention sinks) always, then the most recent ones."""
-    scores = torch.arange(length, device=device, dtype=torch.float32)
-    scores[:sink] = float("inf")
-    return scores
+def score_streamingllm(positions, sink):
+    """positions (..., L), each token's position in its sequence -> scores (..., L): the first `sink` tokens
+    (attention sinks) always, then the most recent ones."""
+    return positions.float().masked_fill(positions < sink, float("inf"))
 
 
-def h2o_column_sums(q, k, chunk=256):
+def h2o_column_sums(q, k, pads=None, chunk=256):
     """Attention each key receives, summed over all prompt queries (causal): H2O's heavy-hitter score.
 
-    q (B, Hq, L, D), k (B, Hkv, L, D) -> (B, Hq, L) float32. Query chunks bound the memory to
-    Hq x chunk x L scores at a time instead of Hq x L x L."""
+    q (B, Hq, L, D), k (B, Hkv, L, D) -> (B, Hq, L) float32; pads (B,) left padding, which neither gives
+    nor receives attention. Query chunks bound the memory to Hq x chunk x L scores at a time instead of
+    Hq x L x L."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     q_grouped = q.view(B, Hkv, Hq // Hkv, L, D)
@@ -94,8 +96,11 @@ def h2o_column_sums(q, k, chunk=256):
     for s in range(0, L, chunk):
         e = min(s + chunk, L)  # queries s..e-1 see keys 0..e-1 at most
         scores = (q_grouped[:, :, :, s:e] @ k[:, :, None, :e].transpose(-1, -2)).float() / math.sqrt(D)
-        causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
-        sums[..., :e] += scores.masked_fill(~causal, float("-inf")).softmax(-1).sum(-2)
+        visible = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
+        if pads is not None:  # a pad query sees no key: its softmax row is NaN, and counts 0
+            visible = visible & (torch.arange(e, device=q.device) >= pads[:, None])[:, None, None, None]
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        sums[..., :e] += (weights if pads is None else weights.nan_to_num(0)).sum(-2)
     return sums.view(B, Hq, L)
 
 
@@ -106,34 +111,52 @@ def score_h2o(column_sums, n_kv_heads, recent):
     return scores
 
 
-def score_snapkv(window_q, k, pool_kernel=5):
+def score_snapkv(window_q, k, pool_kernel=5, pads=None):
     """(B, Hkv, L): the observation window always; earlier keys by the attention the window pays them.
 
     window_q (B, Hq, W, D): the last W prompt queries, post-RoPE; k (B, Hkv, L, D). Each window query
-    attends causally over every key it can see, as in the prefill; the votes are summed over the window
-    and smoothed by 1-D average pooling (kernel 5, same padding), as in SnapKV."""
+    attends causally over every key it can see, as in the prefill (not the left padding pads (B,)); the
+    votes are summed over the window and smoothed by 1-D average pooling (kernel 5, same padding), as in
+    SnapKV."""
     B, Hq, W, D = window_q.shape
     Hkv, L = k.shape[1], k.shape[2]
     q_grouped = window_q.view(B, Hkv, Hq // Hkv, W, D)
     scores = (q_grouped @ k[:, :, None].transpose(-1, -2)).float() / math.sqrt(D)  # (B, Hkv, G, W, L)
     query_pos = torch.arange(L - W, L, device=k.device)
-    causal = torch.arange(L, device=k.device)[None, :] <= query_pos[:, None]
-    votes = scores.masked_fill(~causal, float("-inf")).softmax(-1)[..., :L - W].sum(-2)  # (B, Hkv, G, L-W)
+    visible = torch.arange(L, device=k.device)[None, :] <= query_pos[:, None]
+    if pads is not None:
+        visible = visible & (torch.arange(L, device=k.device) >= pads[:, None])[:, None, None, None]
+    votes = scores.masked_fill(~visible, float("-inf")).softmax(-1)[..., :L - W].sum(-2)  # (B, Hkv, G, L-W)
     votes = F.avg_pool1d(votes.reshape(-1, 1, L - W), pool_kernel, stride=1, padding=pool_kernel // 2)
     votes = votes.view(B, Hkv, Hq // Hkv, L - W).mean(2)
     return torch.cat([votes, torch.full((B, Hkv, W), float("inf"), device=k.device)], dim=-1)
 
 
-# Every method's scores of one layer's prompt keys k (B, Hkv, L, D) -> (B, Hkv, L), from the config and
-# what the PrefillRecorder kept for that layer. PyramidKV scores as SnapKV; only its budgets differ.
+# Every method's scores of one layer's prompt keys k (B, Hkv, L, D) -> (B, Hkv, L), from the config, what
+# the PrefillRecorder kept for that layer and the left padding (None or (B,)). PyramidKV scores as SnapKV;
+# only its budgets differ.
 SCORERS = {
-    "streamingllm": lambda config, k, recorded: score_streamingllm(k.shape[2], config.sink, k.device)
-    .expand(k.shape[:3]),
-    "h2o": lambda config, k, recorded: score_h2o(recorded.column_sums, k.shape[1], recent=config.budget // 2),
-    "snapkv": lambda config, k, recorded: score_snapkv(recorded.window_q[:, :, -config.window:], k,
-                                                       config.pool_kernel),
+    "streamingllm": lambda config, k, recorded, pads: score_streamingllm(own_positions(k.shape[2], pads, k.device),
+                                                                         config.sink)[:, None].expand(k.shape[:3]),
+    "h2o": lambda config, k, recorded, pads: score_h2o(recorded.column_sums, k.shape[1], recent=config.budget // 2),
+    "snapkv": lambda config, k, recorded, pads: score_snapkv(recorded.window_q[:, :, -config.window:], k,
+                                                             config.pool_kernel, pads),
 }
 SCORERS["pyramidkv"] = SCORERS["snapkv"]
+
+
+def own_positions(length, pads, device=None):
+    """(B, L) each slot's position in its own sequence, negative on the left padding pads (B,); (1, L)
+    without padding (None)."""
+    slots = torch.arange(length, device=device)[None]
+    return slots if pads is None else slots - pads[:, None]
+
+
+def score(config, k, recorded, pads=None):
+    """The config's method's scores (B, Hkv, L); the left padding scores -inf, so it is never kept."""
+    scores = SCORERS[config.method](config, k, recorded, pads)
+    return scores if pads is None else scores.masked_fill(own_positions(k.shape[2], pads, k.device)[:, None] < 0,
+                                                          float("-inf"))
 
 
 def pyramid_budgets(budget, n_layers, window, beta=20):
@@ -181,17 +204,18 @@ class Recorded:
 class PrefillRecorder:
     """Wraps the full cache during a one-shot prefill and records, per layer, what scoring and calibration
     need: the last `window` queries (SnapKV's observation window; the last one is hist_q) and, with
-    h2o=True, the attention each key received from all prompt queries."""
+    h2o=True, the attention each key received from all prompt queries. pads (B,): a batch of prompts of
+    different lengths, left-padded (sequence b's first pads[b] slots are padding); None: no padding."""
 
-    def __init__(self, cache, window=32, h2o=False):
-        self.cache, self.window, self.h2o = cache, window, h2o
+    def __init__(self, cache, window=32, h2o=False, pads=None):
+        self.cache, self.window, self.h2o, self.pads = cache, window, h2o, pads
         self.layers = {}  # layer -> Recorded
 
     def attend(self, layer, q, k, v, pos):
         out = self.cache.attend(layer, q, k, v, pos)
         # contiguous: a plain clone would keep q's strides, which depend on the prompt length
         window_q = q[:, :, -self.window:].clone(memory_format=torch.contiguous_format)
-        self.layers[layer] = Recorded(window_q, h2o_column_sums(q, k) if self.h2o else None)
+        self.layers[layer] = Recorded(window_q, h2o_column_sums(q, k, self.pads) if self.h2o else None)
         return out
 
 
@@ -312,6 +336,9 @@ class Layer:
                                # compiled step does not depend on the prompt length)
     slots: torch.Tensor        # (kept + new,) slot numbers, to mask the slots not yet written
     evicted_len: int           # evicted tokens per (sequence, KV head) in the store
+    kept_visible: torch.Tensor | None = None  # left padding: (B, 1, 1, kept + new), False on kept pads
+    evicted_lens: torch.Tensor | None = None  # left padding: (B,) each sequence's evicted tokens, the
+                                              # store's first ones (its pads follow, never read)
     pages: int | None = None   # pages a recompute reads per KV head (pages_to_read; None: every token)
     hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
     hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set
@@ -323,8 +350,9 @@ class CaliDropCache:
     """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens) and
     the calibration state (Layer); the evicted K/V of every layer in an offload store."""
 
-    def __init__(self, config, prompt_len, layers, store, batch_heads, inv_freq=None):
+    def __init__(self, config, prompt_len, layers, store, batch_heads, inv_freq=None, pads=None):
         self.config, self.prompt_len, self.layers, self.store = config, prompt_len, layers, store
+        self.pads = pads  # (B,) left padding, or None
         self.inv_freq = inv_freq  # (D/2,) the model's RoPE frequencies: the sketch's keys are rotated
         self.recomputes = config.recomputes  # once: with per-sequence theta1 tensors it costs a host sync
         self.counts, self.reloads, self.reload_tokens = new_counters(len(layers), batch_heads, layers[0].k)
@@ -333,11 +361,14 @@ class CaliDropCache:
     def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None, inv_freq=None):
         """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
         the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
-        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages)."""
+        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages).
+        A left-padded batch (recorder.pads): the pads are never kept, scored, offloaded or calibrated with,
+        so each sequence is compressed as it would be alone; "auto" pages follow the longest evicted set."""
         config.check()
         n_layers = len(keys)
         B, Hkv, L, D = keys[0].shape
         Hq = recorder.layers[0].window_q.shape[1]
+        pads = recorder.pads
         if store is None:
             store = OffloadStore("cpu" if keys[0].device.type == "cuda" else keys[0].device)
         budgets = (pyramid_budgets(config.budget, n_layers, config.window) if config.method == "pyramidkv"
@@ -349,16 +380,23 @@ class CaliDropCache:
             if budget == L:  # a prompt within the budget is kept whole
                 keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
             else:
-                keep, evicted = select(SCORERS[config.method](config, k, recorded), budget, config.calibration_size)
+                keep, evicted = select(score(config, k, recorded, pads), budget, config.calibration_size)
             room = k.new_zeros(B, Hkv, max_new_tokens, D)
             layer = Layer(torch.cat([gather_tokens(k, keep), room], 2), torch.cat([gather_tokens(v, keep), room], 2),
                           budget, torch.tensor([budget - L], device=k.device),
                           torch.arange(budget + max_new_tokens, device=k.device), evicted.shape[2])
+            evicted_visible = None  # (B, Hkv, 1, E)
+            if pads is not None:
+                pad = pads[:, None, None]
+                layer.kept_visible = F.pad(keep >= pad, (0, max_new_tokens), value=True)[:, :1, None]
+                evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))  # pads last
+                layer.evicted_lens = (evicted >= pad)[:, 0].sum(-1)
+                evicted_visible = (evicted >= pad)[:, :, None]
             if config.calibration:
                 # the history: the last prompt query (a copy: the recorder's window is not kept alive)
                 layer.hist_q = recorded.window_q[:, :, -1].clone()
                 k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
-                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted)
+                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted, evicted_visible)
                 if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
                     store.put(i, k_evicted, v_evicted)
                     layer.pages = pages_to_read(config, layer.evicted_len, Hq // Hkv, D,
@@ -366,9 +404,10 @@ class CaliDropCache:
                     if layer.pages is not None:
                         if inv_freq is None:
                             raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
-                        layer.sketch = sketch_keys(k_evicted, evicted, inv_freq, config.page_size)
+                        layer.sketch = sketch_keys(k_evicted, evicted - (0 if pads is None else pad), inv_freq,
+                                                   config.page_size, layer.evicted_lens)
             layers.append(layer)
-        return cls(config, L, layers, store, (B, Hq), inv_freq)
+        return cls(config, L, layers, store, (B, Hq), inv_freq, pads)
 
     def attend(self, layer, q, k, v, pos):
         """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
@@ -378,7 +417,9 @@ class CaliDropCache:
         state.k.index_copy_(2, slot, k)
         state.v.index_copy_(2, slot, v)
         q = q[:, :, 0]
-        out_kept, lse_kept = attention_with_lse(q, state.k, state.v, state.slots <= slot)
+        visible = state.slots <= slot
+        out_kept, lse_kept = attention_with_lse(q, state.k, state.v,
+                                                visible if state.kept_visible is None else visible & state.kept_visible)
         return self.calibrated(layer, q, out_kept, lse_kept)[:, :, None]
 
     def calibrated(self, layer, q, out_kept, lse_kept):
@@ -424,16 +465,19 @@ class CaliDropCache:
         if state.pages is None and torch.compiler.is_compiling() and rows.numel() == B * Hkv:
             # compiled, every token of every pair: attend the store as it lies, no gather
             k, v = (x.to(q.device) for x in self.store.get(layer))  # (B, Hkv, E, D)
-            out, lse = attention_with_lse(q, k, v)  # (B, Hq, D), (B, Hq)
-            self.reload_tokens[layer] += reload * state.evicted_len
+            lens = state.evicted_len if state.evicted_lens is None else state.evicted_lens[:, None]
+            out, lse = attention_with_lse(q, k, v, None if state.evicted_lens is None else
+                                          (torch.arange(k.shape[2], device=q.device) < lens)[:, None, None])
+            self.reload_tokens[layer] += reload * lens
         else:
             q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
+            lens = None if state.evicted_lens is None else state.evicted_lens[rows, None]  # (n, 1)
             if state.pages is None:
-                tokens, visible = all_pages(q_grouped, state.evicted_len)  # (n, S) each
+                tokens, visible = all_pages(q_grouped, state.evicted_len, lens)  # (n, S) each
             else:
                 tokens, visible = top_pages(state.sketch, rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
                                             recompute.view(B, Hkv, -1)[rows, kv_heads], state.pages,
-                                            self.config.page_size, self.inv_freq)
+                                            self.config.page_size, self.inv_freq, lens)
             visible = visible & needed[:, None]
             k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
             out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
@@ -452,41 +496,54 @@ class CaliDropCache:
         """One decision per (sequence, query head) and step: calibrate, recompute or none."""
         self.counts[layer] += torch.stack([calibrate, recompute, ~(calibrate | recompute)], -1)
 
-    def decisions(self):
-        """Fractions of (sequence, layer, query head, step) cases: calibrate, recompute, none."""
-        total = self.counts.sum(dim=(0, 1, 2)).double()
+    def decisions(self, rows=slice(None)):
+        """Fractions of (sequence, layer, query head, step) cases of the sequences `rows`: calibrate,
+        recompute, none."""
+        total = self.counts[:, rows].sum(dim=(0, 1, 2)).double()
         fractions = (total / total.sum().clamp(min=1)).tolist()
         return dict(zip(("calibrate", "recompute", "none"), fractions))
 
+    def stored_token_bytes(self, layer):
+        """What one stored token (K and V of one sequence and KV head) of the layer costs in the store."""
+        B, Hkv = self.reloads.shape[1:]
+        return self.store.nbytes(layer) / (B * Hkv * self.layers[layer].evicted_len)
+
     def reloaded_bytes(self, rows=slice(None)):
         """Bytes read back from the offload store so far by the sequences `rows`: the tokens read, at what
-        one stored token (K and V of one sequence and KV head) costs in the store."""
-        total = 0.0
-        for i, state in enumerate(self.layers):
-            n = int(self.reload_tokens[i, rows].sum())
-            if n:
-                B, Hkv = self.reloads.shape[1:]
-                total += n * self.store.nbytes(i) / (B * Hkv * state.evicted_len)
-        return total
+        one stored token costs."""
+        return sum(n * self.stored_token_bytes(i) for i, n in enumerate(self.reload_tokens[:, rows].sum((1, 2)).tolist())
+                   if n)
 
-    def stats(self, n_tokens):
-        """Byte counts when the cache holds the K/V of n_tokens tokens per sequence (prompt + fed)."""
+    def stats(self, n_tokens, rows=slice(None)):
+        """Byte counts of the sequences `rows` (a slice; default: all) when the cache holds the K/V of n_tokens tokens
+        per sequence (prompt + fed). With left padding the kept, full and offloaded bytes count each sequence's
+        own tokens, as alone; the buffers, the calibration state and the key sketch are what the batch
+        allocates, a share per sequence."""
         B, Hkv, _, D = self.layers[0].k.shape
-        per_token = 2 * B * Hkv * D * self.layers[0].k.element_size()  # K and V, all sequences, one layer
+        lengths = torch.full((B,), self.prompt_len) if self.pads is None else self.prompt_len - self.pads.cpu()
+        lengths = lengths[rows]  # (b,) the prompts' own lengths
+        b = lengths.numel()
+        per_token = 2 * Hkv * D * self.layers[0].k.element_size()  # K and V, one sequence, one layer
         generated = n_tokens - self.prompt_len
+        kept = sum(int(lengths.clamp(max=s.kept_len).sum()) + b * generated for s in self.layers)
+        offloaded = 0.0
+        if self.store.nbytes():  # every layer's evicted set, when a recompute may read it
+            for i, s in enumerate(self.layers):
+                tokens = b * s.evicted_len if s.evicted_lens is None else int(s.evicted_lens.cpu()[rows].sum())
+                offloaded += self.store.nbytes(i) * tokens / (B * s.evicted_len) if tokens else 0
         history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
         sketches = [s.sketch for s in self.layers if s.sketch is not None]
         steps = max(generated, 1)
         return {
-            "kv_bytes_kept": sum(s.kept_len + generated for s in self.layers) * per_token,
-            "kv_bytes_full": len(self.layers) * n_tokens * per_token,
-            "kv_bytes_offloaded": self.store.nbytes(),
-            "calibration_bytes": sum(t.nbytes for t in history),
-            "kv_bytes_selection": sum(s.nbytes for s in sketches),  # fast memory that ranks the pages
-            "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers),
-            "reload_bytes_per_token": self.reloaded_bytes() / steps,  # all sequences of the batch
-            "reload_fraction": self.reloads.sum().item() / (self.reloads.numel() * steps),
-            "decisions": self.decisions(),
+            "kv_bytes_kept": kept * per_token,
+            "kv_bytes_full": len(self.layers) * (int(lengths.sum()) + b * generated) * per_token,
+            "kv_bytes_offloaded": offloaded,
+            "calibration_bytes": sum(t.nbytes for t in history) * b / B,
+            "kv_bytes_selection": sum(s.nbytes for s in sketches) * b / B,  # fast memory that ranks the pages
+            "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers) * b / B,
+            "reload_bytes_per_token": self.reloaded_bytes(rows) / steps,  # all sequences `rows`
+            "reload_fraction": self.reloads[:, rows].sum().item() / (self.reloads[:, rows].numel() * steps),
+            "decisions": self.decisions(rows),
         }
 
 
@@ -597,37 +654,51 @@ class KeySketch:
         return sum(t.nbytes for t in self.tensors)
 
 
-def page_means(x, page_size):
-    """x (..., E, c) -> (..., P, c): the mean over each page of page_size tokens (the last may hold fewer)."""
-    E = x.shape[-2]
+def page_counts(E, page_size, device, lens=None):
+    """Tokens in each page of an evicted set of E: (P,), the last page may hold fewer; with lens (..., 1),
+    the first lens tokens only (a left-padded batch: the pads follow them), (..., P)."""
     P = -(-E // page_size)
-    count = (torch.arange(P * page_size, device=x.device) < E).view(P, page_size).sum(-1)  # (P,)
-    return F.pad(x, (0, 0, 0, P * page_size - E)).unflatten(-2, (P, page_size)).sum(-2) / count[:, None]
+    valid = torch.arange(P * page_size, device=device) < (E if lens is None else lens)
+    return valid.unflatten(-1, (P, page_size)).sum(-1)
 
 
-def sketch_keys(k, positions, inv_freq, page_size, rank=SKETCH_RANK):
-    """KeySketch of the evicted keys k (B, Hkv, E, D) (post-RoPE) at positions (B, Hkv, E)."""
+def page_means(x, page_size, lens=None):
+    """x (..., E, c) -> (..., P, c): the mean over each page of its tokens (page_counts; with lens (..., 1),
+    the tokens past them are zero)."""
+    E = x.shape[-2]
+    count = page_counts(E, page_size, x.device, lens)
+    P = count.shape[-1]
+    return F.pad(x, (0, 0, 0, P * page_size - E)).unflatten(-2, (P, page_size)).sum(-2) / count.clamp(min=1)[..., None]
+
+
+def sketch_keys(k, positions, inv_freq, page_size, lens=None, rank=SKETCH_RANK):
+    """KeySketch of the evicted keys k (B, Hkv, E, D) (post-RoPE) at positions (B, Hkv, E); with lens (B,),
+    each sequence's first lens tokens only (the others are left padding, zeroed: they count nowhere)."""
     pre = rotate(k, positions, inv_freq, inverse=True).double()
+    if lens is not None:
+        valid = torch.arange(k.shape[2], device=k.device) < lens[:, None, None]  # (B, 1, E)
+        pre, positions, lens = pre * valid[..., None], positions * valid, lens[:, None, None]
     _, vectors = torch.linalg.eigh(pre.transpose(-1, -2) @ pre)  # ascending eigenvalues of the Gram matrix
     basis = vectors.flip(-1)[..., :rank].transpose(-1, -2)  # (B, Hkv, r, D): the top principal directions
     coords = (pre @ basis.transpose(-1, -2)).float()  # (B, Hkv, E, r)
     scale = coords.abs().amax(-2, keepdim=True).clamp(min=1e-30) / 7
     codes = (coords / scale).round().clamp(-7, 7).to(torch.uint8) + 8
-    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32), page_means(coords, page_size),
-                     page_means(positions.float()[..., None], page_size)[..., 0])
+    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32),
+                     page_means(coords, page_size, lens), page_means(positions.float()[..., None], page_size, lens)[..., 0])
 
 
-def all_pages(q_grouped, evicted_len):
-    """A dense recompute: every evicted token. -> tokens (n, E), visible (n, E)."""
+def all_pages(q_grouped, evicted_len, lens=None):
+    """A dense recompute: every evicted token (with lens (n, 1), each pair's first lens). -> tokens (n, E),
+    visible (n, E)."""
     tokens = torch.arange(evicted_len, device=q_grouped.device).expand(q_grouped.shape[0], -1)
-    return tokens, torch.ones_like(tokens, dtype=torch.bool)
+    return tokens, torch.ones_like(tokens, dtype=torch.bool) if lens is None else tokens < lens
 
 
-def page_tokens(pages, page_size, evicted_len):
+def page_tokens(pages, page_size, evicted_len, lens=None):
     """pages (n, M) -> their tokens (n, M x page_size), clamped to the evicted set, and visible (same
-    shape): False on the last page's empty slots."""
+    shape): False on the last page's empty slots (with lens (n, 1): past each pair's first lens tokens)."""
     tokens = (pages[..., None] * page_size + torch.arange(page_size, device=pages.device)).flatten(1)
-    return tokens.clamp(max=evicted_len - 1), tokens < evicted_len
+    return tokens.clamp(max=evicted_len - 1), tokens < (evicted_len if lens is None else lens)
 
 
 def page_weights(page_lse, lse_kept, heads):
@@ -643,24 +714,25 @@ def shortlist_size(n_pages, P):
     return min(n_pages + 3 * min(n_pages, AUTO_PAGES), P)
 
 
-def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_size, inv_freq):
+def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_size, inv_freq, lens=None):
     """The n_pages pages of page_size evicted tokens that hold the most estimated attention, per pair
     (rows[i], kv_heads[i]), in two passes so that the cost does not grow with the evicted set: every page
     by its mean key, then the tokens of the shortlist_size best pages one by one.
 
     q_grouped (n, G, D): the query heads of each pair's KV head; lse_kept (n, G): each head's lse over the
-    kept cache; heads (n, G): the heads that recompute. -> tokens (n, n_pages x page_size) and visible, as
+    kept cache; heads (n, G): the heads that recompute; lens (n, 1): a left-padded batch's evicted tokens
+    per pair (None: all). -> tokens (n, n_pages x page_size) and visible, as
     page_tokens gives them, the pages in no particular order (attention does not care)."""
     D = q_grouped.shape[-1]
     q = q_grouped.float() / math.sqrt(D)
     basis, positions = sketch.basis[rows, kv_heads], sketch.positions[rows, kv_heads]  # (n, r, D), (n, E)
     E, P = positions.shape[1], sketch.page_positions.shape[-1]
     mean_keys = rotate(sketch.page_coords[rows, kv_heads] @ basis, sketch.page_positions[rows, kv_heads], inv_freq)
-    count = (torch.arange(P * page_size, device=q.device) < E).view(P, page_size).sum(-1)  # (P,)
-    coarse = q @ mean_keys.transpose(-1, -2) + count.log()  # (n, G, P): estimated log-mass of each page
+    count = page_counts(E, page_size, q.device, lens)  # (P,) or (n, P): 0 for a padded pair's empty pages
+    coarse = q @ mean_keys.transpose(-1, -2) + count.log().unsqueeze(-2)  # (n, G, P): estimated log-mass of each page
     shortlist = page_weights(coarse, lse_kept, heads).topk(shortlist_size(n_pages, P), dim=-1).indices  # (n, M)
 
-    tokens, visible = page_tokens(shortlist, page_size, E)  # (n, M x page_size)
+    tokens, visible = page_tokens(shortlist, page_size, E, lens)  # (n, M x page_size)
     scale = sketch.scale[rows, kv_heads]  # (n, 1, r)
     codes = sketch.coords[rows, kv_heads].gather(1, tokens[..., None].expand(-1, -1, sketch.coords.shape[-1]))
     coords = (unpack(codes, 4, scale.shape[-1]).float() - 8) * scale  # (n, M x page_size, r)
@@ -668,4 +740,4 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     logits = (q @ keys.transpose(-1, -2)).masked_fill(~visible[:, None], float("-inf"))
     fine = logits.unflatten(-1, (-1, page_size)).logsumexp(-1)  # (n, G, M): the shortlist, token by token
     best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), dim=-1).indices  # (n, N) of the M
-    return page_tokens(shortlist.gather(1, best), page_size, E)
+    return page_tokens(shortlist.gather(1, best), page_size, E, lens)

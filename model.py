@@ -117,7 +117,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, D); cos, sin (T, D)
+    # x (B, H, T, D); cos, sin (B or 1, 1, T, D)
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
@@ -188,11 +188,15 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at absolute positions pos (T,) -> logits (B, T, vocab), float32; with last_only,
-        (B, 1, vocab) for the last position (a prefill needs no more: T x vocab logits cost time and memory)."""
-        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
-        angles = torch.cat((angles, angles), dim=-1)
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, last_only: bool = False,
+                pads: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) in cache slots pos (T,) -> logits (B, T, vocab), float32; with last_only, (B, 1, vocab)
+        for the last position (a prefill needs no more: T x vocab logits cost time and memory). pads (B,): a
+        left-padded batch, sequence b's first pads[b] slots padding, so its tokens sit at positions pos - pads[b]
+        (the cache was made with the same pads, and masks them); None: positions are the slots."""
+        positions = pos[None] if pads is None else pos[None] - pads[:, None]  # (B or 1, T)
+        angles = positions.float()[..., None] * self.inv_freq  # (B or 1, T, head_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
         x = self.embed_tokens(tokens)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.layers:
@@ -204,33 +208,43 @@ class FullCache:
     """The uncompressed cache: static (B, n_kv_heads, max_len, head_dim) tensors, one per layer, written in
     place at `pos`, so decode shapes never change (torch.compile) and nothing is repeated per query head.
     One tensor per layer, not one stacked buffer: a compiled step that writes a slice of a stacked buffer
-    copies the whole buffer."""
+    copies the whole buffer. pads (B,): a left-padded batch (the model's `pads`), whose pad slots no query
+    attends, except each pad its own (a query that sees nothing would be NaN, and NaN times a zero weight
+    is NaN)."""
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device=None, dtype=None):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device=None, dtype=None, pads=None):
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.slots = torch.arange(max_len, device=device)
+        self.pads = pads
 
     def attend(self, layer: int, q, k, v, pos):
-        """q (B, Hq, T, D), k, v (B, Hkv, T, D) post-RoPE at positions pos (T,) -> (B, Hq, T, D)."""
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) post-RoPE in slots pos (T,) -> (B, Hq, T, D)."""
         k_all, v_all = self.k[layer], self.v[layer]
         k_all.index_copy_(2, pos, k)
         v_all.index_copy_(2, pos, v)
         B, Hq, T, D = q.shape
         if T == 1 and k_all.is_cuda and torch.compiler.is_compiling():
-            return flex_decode(q, k_all, v_all, pos)  # one thread block per (sequence, KV head) is too few
+            return flex_decode(q, k_all, v_all, pos, self.pads)  # one thread block per (sequence, KV head) is too few
         if T == 1:  # decode: the whole static buffer, future slots masked
             # the query heads sharing a KV head act as G queries of that head: each K/V is read once
-            mask = self.slots[None, :] <= pos[:, None]
             grouped = q.view(B, k_all.shape[1], -1, D)
-            out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask)  # (B, Hkv, G, D)
+            out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.visible(pos, len(self.slots)))
             return out.reshape(B, Hq, 1, D)  # not view: CUDA's float32 kernels return it non-contiguous
-        if int(pos[0]) == 0:  # prefill from the start: the causal kernel, no mask materialised
+        if int(pos[0]) == 0 and self.pads is None:  # prefill from the start: the causal kernel, no mask materialised
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        n = int(pos[-1]) + 1  # a later prefill chunk: causal over everything written so far
-        mask = self.slots[None, :n] <= pos[:, None]
-        return F.scaled_dot_product_attention(q, k_all[:, :, :n], v_all[:, :, :n], attn_mask=mask, enable_gqa=True)
+        n = int(pos[-1]) + 1  # causal over everything written so far
+        return F.scaled_dot_product_attention(q, k_all[:, :, :n], v_all[:, :, :n], attn_mask=self.visible(pos, n),
+                                              enable_gqa=True)
+
+    def visible(self, pos, n):
+        """The slots 0..n-1 that queries in slots pos (T,) attend: (T, n), or (B, 1, T, n) with pads."""
+        causal = self.slots[None, :n] <= pos[:, None]
+        if self.pads is None:
+            return causal
+        own = self.slots[None, :n] == pos[:, None]
+        return causal & ((self.slots[:n] >= self.pads[:, None])[:, None, None] | own)
 
     def kv_bytes(self, n_tokens: int) -> int:
         """Bytes of the filled slots when the cache holds the K/V of n_tokens tokens per sequence."""
@@ -242,26 +256,29 @@ class FullCache:
         return sum(t.nbytes for t in (*self.k, *self.v))
 
 
-def flex_decode(q, k, v, pos):
+def flex_decode(q, k, v, pos, pads=None):
     """FullCache's decode on a GPU, compiled: FlexAttention's decoding kernel splits the keys of each
     (sequence, KV head) over many thread blocks (flash-decoding). SDPA with a mask parallelizes over
     sequences, heads and query blocks only: 8 thread blocks for the grouped query of the 8-layer shape at
     batch 1, the likely reason it read a 32k cache at 23 % of an H200's bandwidth (issue 25; this path is not
-    measured on a GPU yet). Slots after pos score -inf. q (B, Hq, 1, D), k, v (B, Hkv, S, D) -> (B, Hq, 1, D)."""
+    measured on a GPU yet). Slots after pos, and pads (B,) (left padding), score -inf. q (B, Hq, 1, D), k, v
+    (B, Hkv, S, D) -> (B, Hq, 1, D)."""
     def future_masked(score, b, h, q_idx, kv_idx):
-        return torch.where(kv_idx <= pos[0], score, -float("inf"))
+        visible = kv_idx <= pos[0] if pads is None else (kv_idx <= pos[0]) & (kv_idx >= pads[b])
+        return torch.where(visible, score, -float("inf"))
     return flex_attention(q, k, v, score_mod=future_masked, enable_gqa=True)
 
 
-def prefill(model: Llama, tokens: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt tokens (B, T) from position 0; returns the last position's logits (B, vocab)."""
+def prefill(model: Llama, tokens: torch.Tensor, cache, pads=None) -> torch.Tensor:
+    """Run the prompt tokens (B, T) from slot 0 (left-padded by pads (B,), if given); returns the last
+    position's logits (B, vocab)."""
     pos = torch.arange(tokens.shape[1], device=tokens.device)
-    return model(tokens, pos, cache, last_only=True)[:, -1]
+    return model(tokens, pos, cache, last_only=True, pads=pads)[:, -1]
 
 
-def decode_one_token(model: Llama, token: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-    """One decode step: token (B, 1) at position pos (1,) -> logits (B, vocab). What --compile wraps."""
-    return model(token, pos, cache)[:, -1]
+def decode_one_token(model: Llama, token: torch.Tensor, pos: torch.Tensor, cache, pads=None) -> torch.Tensor:
+    """One decode step: token (B, 1) in slot pos (1,) -> logits (B, vocab). What --compile wraps."""
+    return model(token, pos, cache, pads=pads)[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------- loading
