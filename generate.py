@@ -2,8 +2,9 @@
 
     python generate.py --budget 256 --prompt "..."        # the default model, SmolLM2-135M-Instruct
     python generate.py --ckpt DIR --method snapkv --budget 128 --prompt-file long.txt --chat
+    python generate.py --budget 64 --prompt "..." --prompt "..."   # several prompts: one left-padded batch
 
-Text streams to stdout; a summary (prompt and new tokens, prefill seconds, decode tokens/s, KV bytes,
+Text streams to stdout (several prompts: each text once the batch is done); a summary (prompt and new tokens, prefill seconds, decode tokens/s, KV bytes,
 decision fractions) goes to stderr, and to --stats-json FILE as one JSON object.
 """
 import argparse
@@ -44,21 +45,29 @@ def make_store(args, device):
     return calidrop.OffloadStore(host)
 
 
-def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
+def prefill_and_compress(model, tokens, config, max_new_tokens, store=None, pads=None):
     """One prefill with the full cache; then, unless config is None (the full cache) or the prompt fits
     in the budget, compress it, offloading the evicted K/V to `store` (default: calidrop.OffloadStore).
-    Returns (logits of the last prompt token, cache)."""
+    pads (B,): tokens is a left-padded batch (left_pad). Returns (logits of the last prompt token, cache)."""
     B, L = tokens.shape
     dev, dtype = tokens.device, model.embed_tokens.weight.dtype
     if config is None or L <= config.budget:
-        cache = FullCache(model.args, B, L + max_new_tokens, dev, dtype)
-        return prefill(model, tokens, cache), cache
-    full = FullCache(model.args, B, L, dev, dtype)
-    recorder = calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o")
-    logits = prefill(model, tokens, recorder)
+        cache = FullCache(model.args, B, L + max_new_tokens, dev, dtype, pads)
+        return prefill(model, tokens, cache, pads), cache
+    full = FullCache(model.args, B, L, dev, dtype, pads)
+    recorder = calidrop.PrefillRecorder(full, config.window, config.method == "h2o", pads)
+    logits = prefill(model, tokens, recorder, pads)
     cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens, store,
                                                 model.inv_freq)
     return logits, cache
+
+
+def left_pad(prompts, device):
+    """Prompts of token ids -> tokens (B, longest) with each prompt at the right, pads (B,): the padding
+    before each (None for a single prompt). The pad slots hold token 0, which no sequence ever attends."""
+    L = max(len(ids) for ids in prompts)
+    tokens = torch.tensor([[0] * (L - len(ids)) + ids for ids in prompts], device=device)
+    return tokens, None if len(prompts) == 1 else torch.tensor([L - len(ids) for ids in prompts], device=device)
 
 
 def sample(logits, temperature, top_k, generator):
@@ -79,8 +88,9 @@ def sample(logits, temperature, top_k, generator):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help=CKPT_HELP)
-    p.add_argument("--prompt", help="the prompt text")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
+    p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -115,14 +125,17 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the input, before any heavy work. Returns (device, dtype)."""
-    if (args.prompt is None) == (args.prompt_file is None):
-        raise UsageError("give exactly one of --prompt and --prompt-file")
-    if args.prompt_file is not None:
-        if not Path(args.prompt_file).is_file():
-            raise UsageError(f"prompt file not found: {args.prompt_file}")
-        args.prompt = Path(args.prompt_file).read_text()
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
+    if not args.prompt and not args.prompt_file:
+        raise UsageError("give a prompt: --prompt or --prompt-file")
+    for path in args.prompt_file:
+        if not Path(path).is_file():
+            raise UsageError(f"prompt file not found: {path}")
+    args.prompts = args.prompt + [Path(path).read_text() for path in args.prompt_file]
+    if not all(prompt.strip() for prompt in args.prompts):
+        raise UsageError("a prompt is empty")
+    if len(args.prompts) > 1 and (args.kv_quant != "none" or args.offload_quant != "none"):
+        raise UsageError("several prompts: --kv-quant and --offload-quant take one prompt (their quantization "
+                         "groups would span the padding)")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
     if args.temperature < 0:
@@ -160,16 +173,17 @@ def run(args):
     ckpt = resolve_checkpoint(args.ckpt)
     model_args = read_config(ckpt)
     codec = TextCodec(ckpt)
-    ids = codec.encode(args.prompt, chat=args.chat)
+    prompts = [codec.encode(prompt, chat=args.chat) for prompt in args.prompts]
+    longest = max(len(ids) for ids in prompts)
     max_len = model_args.max_position_embeddings
-    if len(ids) > max_len:
-        raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context ({max_len})")
-    max_new = min(args.max_new_tokens, max_len - len(ids))
+    if longest > max_len:
+        raise UsageError(f"the prompt is {longest} tokens, longer than the model's context ({max_len})")
+    max_new = min(args.max_new_tokens, max_len - longest)
     if max_new < args.max_new_tokens:
         log(f"note: the context has room for {max_new} new tokens only")
     config = None if args.method == "full" else make_config(args)  # already checked
-    if config is not None and len(ids) <= config.budget:
-        log(f"note: the prompt ({len(ids)} tokens) fits in the budget ({config.budget}): not compressed")
+    if config is not None and longest <= config.budget:
+        log(f"note: the prompt ({longest} tokens) fits in the budget ({config.budget}): not compressed")
 
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -177,7 +191,7 @@ def run(args):
     step = torch.compile(decode_one_token) if args.compile else decode_one_token
 
     with torch.inference_mode():
-        tokens = torch.tensor([ids], device=device)
+        tokens, pads = left_pad(prompts, device)
         synchronize(device)
         t0 = time.perf_counter()
         if args.kv_quant != "none":
@@ -186,14 +200,18 @@ def run(args):
                                        device=device, dtype=dtype)
             logits = prefill(model, tokens, cache)
         else:
-            logits, cache = prefill_and_compress(model, tokens, config, max_new, make_store(args, device))
+            logits, cache = prefill_and_compress(model, tokens, config, max_new, make_store(args, device), pads)
         token = sample(logits, args.temperature, args.top_k, generator)
         synchronize(device)
         prefill_s = time.perf_counter() - t0
 
-        decoded = stream(lambda token, pos: sample(step(model, token, pos, cache), args.temperature, args.top_k,
-                                                   generator), token, len(ids), max_new, codec, device)
-    return finish(args, ckpt, config, model, cache, device, dtype, len(ids), prefill_s, *decoded)
+        next_token = lambda token, pos: sample(step(model, token, pos, cache, pads), args.temperature, args.top_k,
+                                               generator)
+        if pads is not None:
+            decoded = decode_batch(next_token, token, tokens.shape[1], max_new, codec, device)
+            return finish_batch(args, ckpt, config, model, cache, device, dtype, prompts, prefill_s, *decoded)
+        decoded = stream(next_token, token, longest, max_new, codec, device)
+    return finish(args, ckpt, config, model, cache, device, dtype, longest, prefill_s, *decoded)
 
 
 def stream(step, token, prompt_len, max_new, codec, device):
@@ -218,6 +236,65 @@ def stream(step, token, prompt_len, max_new, codec, device):
         (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
     print(flush=True)
     return new_ids, text, step_s, compiling_s
+
+
+def decode_batch(step, token, prompt_len, max_new, codec, device):
+    """stream() for a batch (B, 1) of first tokens: decode until every sequence has produced a stop token or
+    max_new tokens, then print each text. Returns each sequence's new ids (cut after its first stop token)
+    and text, the steps fed, and the seconds of each step as stream() splits them."""
+    rows, step_s, compiling_s = [token], [], []
+    stop = torch.tensor(sorted(codec.stop_ids), device=device, dtype=torch.long)
+    done = torch.isin(token[:, 0], stop)
+    for i in range(max_new - 1):  # the last sampled token is never fed
+        if bool(done.all()):
+            break
+        graphs = compiled_graphs()
+        t0 = time.perf_counter()
+        token = step(token, torch.tensor([prompt_len + i], device=device))
+        synchronize(device)
+        (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
+        rows.append(token)
+        done |= torch.isin(token[:, 0], stop)
+    new_ids = []
+    for row in torch.cat(rows, 1).tolist():
+        ends = [j for j, t in enumerate(row) if t in codec.stop_ids]
+        new_ids.append(row[:ends[0] + 1] if ends else row)
+    texts = [codec.decode([t for t in ids if t not in codec.stop_ids]) for ids in new_ids]
+    for b, text in enumerate(texts):
+        print(f"--- prompt {b + 1}\n{text}", flush=True)
+    return new_ids, texts, len(rows) - 1, step_s, compiling_s
+
+
+def finish_batch(args, ckpt, config, model, cache, device, dtype, prompts, prefill_s, new_ids, texts, fed, step_s,
+                 compiling_s):
+    """finish() for a batch: the batch's stats (the cache's byte counts over every sequence and its padding,
+    decode tokens/s over all sequences), and per sequence its prompt and new tokens, text and, compressed,
+    its byte counts and decisions as alone."""
+    L = max(len(ids) for ids in prompts)
+    decode_s = sum(step_s)
+    stats = {
+        "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
+        "compressed": isinstance(cache, calidrop.CaliDropCache), "calibration": config is not None and config.calibration,
+        "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
+        "compile": args.compile, "batch": len(prompts), "prefill_s": prefill_s, "compile_s": sum(compiling_s),
+        "decode_s": decode_s, "decode_tokens_per_s": len(step_s) * len(prompts) / decode_s if step_s else None,
+        **cache_stats(cache, L + fed),
+        "sequences": [{"prompt_tokens": len(ids), "new_tokens": len(new), "text": text,
+                       **(cache.stats(L + fed, slice(b, b + 1)) if isinstance(cache, calidrop.CaliDropCache) else {})}
+                      for b, (ids, new, text) in enumerate(zip(prompts, new_ids, texts))],
+    }
+    mb = 1 / 2**20
+    tps = "n/a" if stats["decode_tokens_per_s"] is None else f"{stats['decode_tokens_per_s']:.1f}"
+    log(f"{len(prompts)} prompts, prefill {prefill_s:.2f} s, decode {tps} tokens/s (all sequences)")
+    for b, seq in enumerate(stats["sequences"]):
+        kept = f", KV kept {seq['kv_bytes_kept'] * mb:.2f} of {seq['kv_bytes_full'] * mb:.2f} MB" if "kv_bytes_kept" in seq else ""
+        d = seq.get("decisions")
+        decisions = (f", calibrate {d['calibrate']:.3f} recompute {d['recompute']:.3f} none {d['none']:.3f}"
+                     if d else "")
+        log(f"prompt {b + 1}: {seq['prompt_tokens']} tokens, {seq['new_tokens']} new{kept}{decisions}")
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
 
 
 def finish(args, ckpt, config, model, cache, device, dtype, prompt_len, prefill_s, new_ids, text, step_s,

@@ -116,3 +116,28 @@ def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, truncated_ckpt, tmp_pa
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_prompts_are_one_padded_batch(tiny_ckpt, tmp_path):
+    """Three prompts of different lengths (one within the budget) in one left-padded batch: each sequence's
+    text, new tokens, decisions and byte counts are those of its prompt alone."""
+    prompts = ["the quick brown fox jumps over the lazy dog " * 2, "judge my vow", "pack my box with five dozen liquor jugs"]
+    flags = ["--budget", 24, "--window", 8, "--theta1", 0.3, "--theta2", 0.6, "--max-new-tokens", 8,
+             "--page-size", 4, "--reload-pages", 2]
+    batch_file = tmp_path / "batch.json"
+    result = run_cli("--ckpt", tiny_ckpt, *[x for p in prompts for x in ("--prompt", p)], *flags,
+                     "--stats-json", batch_file)
+    assert result.returncode == 0, result.stderr
+    batch = json.loads(batch_file.read_text())
+    assert batch["batch"] == 3 and batch["compressed"]
+    for prompt, seq in zip(prompts, batch["sequences"]):
+        lone_file = tmp_path / "lone.json"
+        result = run_cli("--ckpt", tiny_ckpt, "--prompt", prompt, *flags, "--stats-json", lone_file)
+        assert result.returncode == 0, result.stderr
+        lone = json.loads(lone_file.read_text())
+        assert (seq["prompt_tokens"], seq["text"]) == (lone["prompt_tokens"], lone["text"])
+        assert seq["new_tokens"] == lone["new_tokens"]
+        if not lone["compressed"]:  # 12 tokens: alone, a full cache
+            continue
+        for key in ("kv_bytes_kept", "kv_bytes_offloaded", "decisions"):
+            assert seq[key] == lone[key], key
