@@ -136,6 +136,14 @@ def test_ppl_reference_and_kl_against_independent_computations(tiny_ckpt, small_
     assert metrics["kl"]["mean"] == pytest.approx(kl.mean().item(), rel=1e-5)
     assert metrics["kl"]["se"] == pytest.approx(kl.std().item() / math.sqrt(2), rel=1e-4)
     assert abs(kl.mean() - reverse.mean()) > 0.01  # so the order is checked
+    # every token's values: the same KL per token, the true token's NLL, and the entropy of P_other
+    per_token_kl = F.kl_div(other, reference, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(torch.tensor(metrics["kl_per_token"]), per_token_kl, atol=2e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(metrics["nll_per_token"]),
+                               -other.gather(-1, tokens[:, C + 1:, None])[..., 0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(metrics["entropy_per_token"]),
+                               torch.distributions.Categorical(logits=other).entropy(), atol=2e-6, rtol=0)
+    assert data.full_result["kl_per_token"] == [[0.0] * M] * 2
 
 
 def check_quick_results(out, settings):

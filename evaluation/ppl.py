@@ -1,4 +1,5 @@
-"""The ppl task: teacher-forced continuation of long text; NLL and KL(P_full || P_variant) per segment."""
+"""The ppl task: teacher-forced continuation of long text; NLL and KL(P_full || P_variant) per segment, and
+per token (with the entropy of P_variant), so that where a variant gains or loses can be read afterwards."""
 import math
 import time
 
@@ -29,7 +30,7 @@ class Continuation:
     def metrics(self, logp):
         """NLL and KL of log-probs (S, M, V) of the teacher-forced tokens."""
         nll = -logp.gather(-1, self.targets[..., None])[..., 0]
-        return ppl_metrics(nll, kl(self.reference, logp))
+        return ppl_metrics(nll, kl(self.reference, logp), entropy(logp))
 
     def quantized(self, model, bits=QUANT_BITS):
         """{name: metrics and bytes} of the full-length quantized caches at `bits`."""
@@ -51,16 +52,17 @@ class Continuation:
         for group in todo:
             rows, layout = build_batch(args, group, self.full, self.recorder, C, M, model.inv_freq)
             n = len(layout)
-            nll, divergence = torch.zeros(n * S, M, device=self.inputs.device), torch.zeros(n * S, M, device=self.inputs.device)
+            nll, divergence, spread = (torch.zeros(n * S, M, device=self.inputs.device) for _ in range(3))
             t0 = time.perf_counter()
             for t, logp in enumerate(feed(model, rows, self.inputs.repeat(n, 1), C)):
                 nll[:, t] = -logp.gather(-1, self.targets[:, t].repeat(n)[:, None])[:, 0]
                 divergence[:, t] = kl(self.reference[:, t].repeat(n, 1), logp)
+                spread[:, t] = entropy(logp)
             decode_s = (time.perf_counter() - t0) / n
             for method, budget, variant, cache, in_cache, in_batch in layout:
                 stats, counts = config_stats(cache, in_cache, variant, C + M)
                 configs.append({"method": method, "budget": budget, "variant": variant,
-                                **ppl_metrics(nll[in_batch], divergence[in_batch]), **stats,
+                                **ppl_metrics(nll[in_batch], divergence[in_batch], spread[in_batch]), **stats,
                                 "decisions": fractions(counts), "decode_s": decode_s})
             progress.step(", ".join(sorted({f"{m}@{b}" for m, b, _ in group})))
         return configs
@@ -79,10 +81,18 @@ def kl(logp_full, logp):
     return (logp_full.exp() * (logp_full - logp)).sum(-1)
 
 
-def ppl_metrics(nll, divergence):
-    """nll, divergence (segments, M) -> mean and standard error over segments of the per-segment means,
-    and the per-segment means themselves (the report pairs them across variants: same segments)."""
+def entropy(logp):
+    """The entropy of P over the last dimension, from log-probs (nats)."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+def ppl_metrics(nll, divergence, spread):
+    """nll, divergence, spread (the entropy) (segments, M) -> mean and standard error over segments of the
+    per-segment means, the per-segment means themselves (the report pairs them across variants: same
+    segments), and every token's values (6 decimals)."""
     per_segment = nll.mean(1)
+    per_token = lambda x: [[round(v, 6) for v in row] for row in x.tolist()]
     return {"nll": mean_se(per_segment), "ppl": math.exp(per_segment.mean().item()),
             "kl": mean_se(divergence.mean(1)),
-            "nll_per_segment": per_segment.tolist(), "kl_per_segment": divergence.mean(1).tolist()}
+            "nll_per_segment": per_segment.tolist(), "kl_per_segment": divergence.mean(1).tolist(),
+            "nll_per_token": per_token(nll), "kl_per_token": per_token(divergence), "entropy_per_token": per_token(spread)}
