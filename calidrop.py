@@ -15,6 +15,9 @@ q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (mo
     logits = prefill(model, tokens, recorder)                         # full causal attention
     cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
     logits = decode_one_token(model, token, pos, cache)               # then one token at a time
+
+Prompts of different lengths decode as one batch left-padded to the longest: pads (B,), each sequence's
+padding, goes to the model, the FullCache and the PrefillRecorder (pads=pads), and the cache skips them.
 """
 import functools
 import math
