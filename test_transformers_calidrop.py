@@ -230,10 +230,12 @@ def load_pair(arch, path):
             transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="calidrop").eval())
 
 
-def hf_generate(model, tokens, cache=None, **kwargs):
-    """model.generate() on prompts of one length: the new tokens (B, N), pad_token_id 0 after a sequence stops."""
+def hf_generate(model, tokens, cache=None, attention_mask=None, **kwargs):
+    """model.generate(): the new tokens (B, N), pad_token_id 0 after a sequence stops; attention_mask None: ones
+    (prompts of one length)."""
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     with torch.inference_mode():
-        out = model.generate(tokens, attention_mask=torch.ones_like(tokens), cache=cache, pad_token_id=0, **kwargs)
+        out = model.generate(tokens, attention_mask=mask, cache=cache, pad_token_id=0, **kwargs)
     return out[:, tokens.shape[1]:]
 
 
@@ -290,6 +292,94 @@ def test_generate_equals_the_adapters_loop(tmp_path, arch, one_thread):
     assert all(layer.evicted_len == 152 for layer in cache.kv.layers)
 
 
+PADDED_LENGTHS = (60, 45, 20)  # the last fits in the budget (24): nothing of it is evicted
+PADDED_CONFIGS = {
+    "full cache": None,
+    "snapkv dense": calidrop.CaliDropConfig(method="snapkv", budget=24, window=8, theta1=0.3, theta2=0.6,
+                                            reload_pages=None),
+    "h2o pages": calidrop.CaliDropConfig(method="h2o", budget=24, window=8, theta1=0.3, theta2=0.6,
+                                         reload_pages=2, page_size=4),  # 2 of the 9 or 6 evicted pages
+}
+
+
+def left_padded(prompts):
+    """[(L_b,)] -> tokens (B, max L) left-padded with token 0, the attention mask (B, max L), pads (B,)."""
+    L = max(len(p) for p in prompts)
+    pads = torch.tensor([L - len(p) for p in prompts])
+    mask = (torch.arange(L) >= pads[:, None]).long()
+    return torch.stack([torch.cat([torch.zeros(L - len(p), dtype=torch.long), p]) for p in prompts]), mask, pads
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
+def test_generate_padded_rows_equal_lone_runs(tmp_path, arch, one_thread):
+    """A left-padded batch of prompts of 60, 45 and 20 tokens through model.generate(), greedy: each row's 12
+    new tokens are its prompt's alone, with the full cache, SnapKV (dense recompute) and H2O (2 ranked pages
+    per recompute) at budget 24; and each compressed row has its lone run's decision, reload and read-back
+    counts and byte counts (kept, full, offloaded, reloaded per token). The 20-token row fits in the budget:
+    alone it is never compressed, in the batch it keeps all its tokens and evicts only pads. The adapter's
+    loop with pads gives the same tokens and counts."""
+    _, model = load_pair(arch, tmp_path / arch)
+    model.generation_config.eos_token_id = None  # every row makes its 12 tokens
+    prompts = [torch.randint(1, SMALL["vocab_size"], (n,), generator=torch.Generator().manual_seed(n))
+               for n in PADDED_LENGTHS]
+    tokens, mask, pads = left_padded(prompts)
+    n_tokens = tokens.shape[1] + 11  # the last new token is never fed
+    for name, config in PADDED_CONFIGS.items():
+        batch = tc.GenerationCache(model, config, 12)
+        got = hf_generate(model, tokens, batch, mask, max_new_tokens=12, do_sample=False)
+        assert got.shape == (3, 12) and torch.equal(batch.pads, pads), name
+        loop, reference = tc.generate(model, tokens, config, 12, pads=pads)
+        assert torch.equal(got, loop), name
+        for b, prompt in enumerate(prompts):
+            lone = tc.GenerationCache(model, config, 12)
+            assert torch.equal(got[b], hf_generate(model, prompt[None], lone, max_new_tokens=12)[0]), (name, b)
+            if config is None:
+                continue
+            mine, n_lone = batch.kv.stats(n_tokens, slice(b, b + 1)), len(prompt) + 11
+            if isinstance(lone.kv, tc.KVCache):  # within the budget: every token kept, none offloaded
+                assert b == 2 and all(int(layer.evicted_lens[b]) == 0 for layer in batch.kv.layers), name
+                assert mine["kv_bytes_kept"] == mine["kv_bytes_full"] == lone.kv.kv_bytes(n_lone), name
+                assert mine["kv_bytes_offloaded"] == mine["reload_bytes_per_token"] == 0, name
+                continue
+            assert torch.equal(batch.kv.counts[:, b], lone.kv.counts[:, 0]), (name, b)
+            assert torch.equal(batch.kv.reloads[:, b], lone.kv.reloads[:, 0]), (name, b)
+            assert torch.equal(batch.kv.reload_tokens[:, b], lone.kv.reload_tokens[:, 0]), (name, b)
+            alone = lone.kv.stats(n_lone)
+            for key in ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "reload_bytes_per_token",
+                        "reload_fraction", "decisions"):
+                assert mine[key] == alone[key], (name, b, key)
+        if config is not None:
+            assert torch.equal(batch.kv.counts, reference.counts), name
+            assert torch.equal(batch.kv.reload_tokens, reference.reload_tokens), name
+            counts = batch.kv.counts[:, :2].sum((0, 1, 2))  # the compressed rows: both cases happen
+            assert counts[0] > 0 and counts[1] > 0, name
+            if config.reload_pages is not None:  # ranked: each recompute reads 2 pages of 4 (the 45-token row's
+                # last page of its 21 evicted tokens holds 1)
+                assert all(layer.pages == 2 for layer in batch.kv.layers) and batch.kv.reloads.sum() > 0, name
+                assert torch.equal(batch.kv.reload_tokens[:, 0], 8 * batch.kv.reloads[:, 0]), name
+                assert (batch.kv.reload_tokens[:, 1] <= 8 * batch.kv.reloads[:, 1]).all(), name
+
+
+def test_generate_padded_batch_samples_as_transformers_does(tmp_path, one_thread):
+    """Sampling (temperature 0.7, top-k 40, top-p 0.9) a left-padded batch from one seed: the model's own
+    full-cache generate()'s tokens, through the full cache and through SnapKV at budget 24 with recompute at
+    every step (theta1 > 1, exact). A row is not compared with its prompt sampled alone: the batch's rows
+    draw from one random stream, so a row's draws depend on the batch."""
+    oracle, model = load_pair("Qwen2", tmp_path / "q")
+    prompts = [torch.randint(1, SMALL["vocab_size"], (n,), generator=torch.Generator().manual_seed(n))
+               for n in PADDED_LENGTHS]
+    tokens, mask, _ = left_padded(prompts)
+    settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=0.7, top_k=40, top_p=0.9)
+    torch.manual_seed(5)
+    expected = hf_generate(oracle, tokens, None, mask, **settings)
+    greedy = hf_generate(oracle, tokens, None, mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert not torch.equal(expected, greedy)  # really sampled
+    for config in (None, calidrop.CaliDropConfig(method="snapkv", budget=24, window=8, theta1=2.0)):
+        torch.manual_seed(5)
+        assert torch.equal(hf_generate(model, tokens, tc.GenerationCache(model, config, 12), mask, **settings),
+                           expected), config
+
+
 class Recorder(transformers.generation.BaseStreamer):
     """Every put() and the number of end() calls."""
 
@@ -335,19 +425,20 @@ def test_generate_streams_and_stops_as_transformers_does(tmp_path, one_thread):
 
 
 def test_generate_refuses_what_the_cache_cannot_serve(tmp_path, one_thread):
-    """One ValueError each: a model without calidrop attention, padding on either side, beam search, a second
-    generate() on a used cache, more new tokens than the cache has room for, and calidrop attention without
-    the cache."""
+    """One ValueError each: a model without calidrop attention, a mask that is not left padding (right
+    padding, a hole, a hole after the first token, which position_ids alone would take for left padding, an
+    empty row), beam search, a second generate() on a used cache, more new tokens than the cache has room for,
+    and calidrop attention without the cache."""
     oracle, model = load_pair("Llama", tmp_path / "l")
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3))
     config = calidrop.CaliDropConfig(budget=24, window=8)
     with pytest.raises(ValueError, match='attn_implementation="calidrop"'):
         tc.GenerationCache(oracle, config, 8)
-    for pad in (0, 39):  # left, right
+    for zeros in ([39], [38, 39], [20], [1], range(40)):  # right, right, a hole, after the first token, all
         mask = torch.ones_like(tokens)
-        mask[0, pad] = 0
-        with pytest.raises(ValueError, match="padding is not supported yet"), torch.inference_mode():
-            model.generate(tokens, attention_mask=mask, cache=tc.GenerationCache(model, config, 8), max_new_tokens=8)
+        mask[0, list(zeros)] = 0
+        with pytest.raises(ValueError, match="only left padding is supported"):
+            hf_generate(model, tokens, tc.GenerationCache(model, config, 8), mask, max_new_tokens=8)
     with pytest.raises(ValueError, match=r"beam search \(num_beams > 1\) is not supported"):
         hf_generate(model, tokens, tc.GenerationCache(model, config, 8), max_new_tokens=8, num_beams=2)
     cache = tc.GenerationCache(model, config, 8)

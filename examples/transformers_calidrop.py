@@ -7,7 +7,7 @@ How it plugs in. transformers' decoders that route attention through `AttentionI
 Qwen2, ...) project q, k, v, apply RoPE, give k and v to the layer's cache (`cache.update(k, v, layer_idx)`),
 and call the function registered under `config._attn_implementation` as f(module, q, k, v, attention_mask,
 scaling=..., **kwargs). This file registers "calidrop": it hands the post-RoPE q (B, Hq, T, D), k, v (B, Hkv,
-T, D), `module.layer_idx` and the positions to calidrop.py's seam `attend(layer, q, k, v, pos)` of a cache
+T, D), `module.layer_idx` and the cache slots to calidrop.py's seam `attend(layer, q, k, v, pos)` of a cache
 that reaches it one of two ways:
 
   * `model.generate(input_ids, cache=GenerationCache(model, config, max_new_tokens), ...)` (`cache` is
@@ -20,14 +20,21 @@ that reaches it one of two ways:
     last layer compresses it with `CaliDropCache.from_prefill`; every later forward decodes one token. A Cache
     rather than a context manager: generate() takes one already, the convention a kvpress user knows, and it
     needs no patching of the model.
-  * `model(..., use_cache=False, calidrop_cache=...)`: this file's own greedy loop (`generate`), the reference
-    the tests hold generate() to.
+  * `model(..., use_cache=False, calidrop_cache=..., calidrop_slots=...)`: this file's own greedy loop
+    (`generate`), the reference the tests hold generate() to.
+
+Prompts of different lengths: a left-padded batch (`tokenizer.padding_side = "left"`, its attention_mask).
+The file also registers a mask function for "calidrop" that passes generate()'s 2D mask on as it is, and the
+prefill reads each sequence's padding off it (`left_padding`): the pads are never attended, kept, scored,
+offloaded or calibrated with (calidrop.py's `pads`), so each row decodes as its prompt alone would (up to
+float rounding). RoPE keeps generate()'s positions, each sequence's own; the cache slots are the same for
+every row (prompt length + tokens fed). Any other mask (right padding, holes) is a ValueError.
 
 A recompute reads only the evicted pages that a sketch of the pre-RoPE keys ranks first
 (CaliDropConfig.reload_pages), so the cache gets the model's RoPE frequencies, from its rotary embedding
-(`rope_inv_freq`). Refused with a ValueError: a model without attn_implementation="calidrop", a batch with
-padding (every prompt of a batch must have the same length: per-sequence lengths are not there yet), beam
-search and anything else that reorders, crops or re-prefills the cache (assisted decoding, chunked prefill).
+(`rope_inv_freq`). Refused with a ValueError: a model without attn_implementation="calidrop", padding other
+than on the left, beam search and anything else that reorders, crops or re-prefills the cache (assisted
+decoding, chunked prefill).
 
 In your code (what was tested: the main README, "Use it in your transformers model"):
 
@@ -35,8 +42,8 @@ In your code (what was tested: the main README, "Use it in your transformers mod
     model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="calidrop")
     config = calidrop.CaliDropConfig(method="snapkv", budget=256)  # None: the full cache
     cache = transformers_calidrop.GenerationCache(model, config, max_new_tokens=128)
-    out = model.generate(input_ids, cache=cache, max_new_tokens=128, do_sample=True, top_p=0.9)
-    print(cache.kv.decisions(), cache.kv.stats(cache.get_seq_length()))
+    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=128, do_sample=True, top_p=0.9)
+    print(cache.kv.decisions(), cache.kv.stats(cache.get_seq_length()))  # rows=slice(b, b + 1): sequence b
 
 The CLI (the second half) takes generate.py's flags, with the same meanings, checks and stats fields.
 """
@@ -49,7 +56,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # in this repository, calidrop.py is one level up
 import calidrop  # noqa: E402
@@ -58,45 +65,68 @@ import calidrop  # noqa: E402
 # ------------------------------------------------------------------------------------------- the adapter
 
 def calidrop_attention(module, query, key, value, attention_mask, scaling=None, calidrop_cache=None,
-                       position_ids=None, **kwargs):
-    """transformers' attention-function signature around the `attend` of the cache that `GenerationCache.update`
-    tagged `key` with, or else of `calidrop_cache`.
+                       calidrop_slots=None, **kwargs):
+    """transformers' attention-function signature around the cache that `GenerationCache.update` tagged `key`
+    with, or else around calidrop.py's `attend` of `calidrop_cache` at the cache slots `calidrop_slots` (T,).
 
-    query (B, Hq, T, D), key, value (B, Hkv, T, D), post-RoPE, at positions position_ids (B or 1, T) ->
-    (B, T, Hq, D) and no attention weights. attention_mask is always None here: transformers builds masks
-    only for the implementations it knows, and the caches below mask by position themselves."""
-    cache = getattr(key, "calidrop_cache", calidrop_cache)
-    if cache is None:
-        raise ValueError('attn_implementation="calidrop" needs a CaliDrop cache: model.generate(..., '
-                         "cache=GenerationCache(model, config, max_new_tokens)), or "
-                         "model(..., use_cache=False, calidrop_cache=...) as prefill_and_compress() does")
+    query (B, Hq, T, D), key, value (B, Hkv, T, D), post-RoPE, each sequence at its own positions ->
+    (B, T, Hq, D) and no attention weights. attention_mask is the 2D padding mask (B, tokens so far) that
+    generate() holds, or None (`padding_mask` below): the caches mask by slot themselves."""
     if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5):
         raise ValueError(f"{type(module).__name__} scales its scores by {scaling}; calidrop.py by 1/sqrt(head_dim)")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError(f"{type(module).__name__}: soft-capped logits and attention sinks are not supported")
-    T = query.shape[2]
-    if T > 1 and module.layer_idx == 0 and not torch.equal(
-            position_ids, torch.arange(T, device=position_ids.device).expand_as(position_ids)):
-        raise ValueError("padding is not supported yet: every prompt of a batch must have the same length, "
-                         "with an attention_mask of ones (prompts of different lengths: one generate() each)")
-    out = cache.attend(module.layer_idx, query, key, value, position_ids[0])  # (B, Hq, T, D)
+    cache = getattr(key, "calidrop_cache", None)
+    if cache is not None:  # model.generate(): the GenerationCache knows its slots and reads the padding off the mask
+        out = cache.attend(module.layer_idx, query, key, value, attention_mask)
+    elif calidrop_cache is not None:  # the adapter's own loop
+        out = calidrop_cache.attend(module.layer_idx, query, key, value, calidrop_slots)
+    else:
+        raise ValueError('attn_implementation="calidrop" needs a CaliDrop cache: model.generate(..., '
+                         "cache=GenerationCache(model, config, max_new_tokens)), or "
+                         "model(..., use_cache=False, calidrop_cache=..., calidrop_slots=...) as "
+                         "prefill_and_compress() does")
     return out.transpose(1, 2), None
 
 
+def padding_mask(attention_mask=None, **kwargs):
+    """transformers' mask creation for "calidrop": the 2D padding mask as generate() gives it (None without
+    padding), untouched. Without a registered mask function the attention function would get None, and
+    position_ids alone cannot tell left padding from a mask with a hole after the first token."""
+    return attention_mask
+
+
 AttentionInterface.register("calidrop", calidrop_attention)
+AttentionMaskInterface.register("calidrop", padding_mask)
+
+
+def left_padding(attention_mask):
+    """The left padding pads (B,) of a prompt's 2D attention mask (B, L), sequence b's first pads[b] tokens;
+    None without a mask or padding. ValueError for any other mask (right padding, holes, an empty prompt)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    pads = (~mask).sum(-1)
+    if (mask.ndim != 2 or (pads == mask.shape[-1]).any()
+            or not torch.equal(mask, torch.arange(mask.shape[-1], device=mask.device) >= pads[:, None])):
+        raise ValueError("only left padding is supported: each row of the attention mask must be zeros, then "
+                         "ones, with at least one 1 (tokenizer.padding_side = 'left')")
+    return pads if pads.any() else None
 
 
 class KVCache:
     """The uncompressed cache, as model.py's FullCache: per layer a static (B, Hkv, max_len, D) buffer written
     in place at `pos`, allocated at the layer's first call (its shape, dtype and device come from k). The prompt
-    attends causally from position 0; a decoded token attends to every slot written so far."""
+    attends causally from slot 0; a decoded token attends to every slot written so far. pads (B,): a
+    left-padded batch, whose pad slots no query attends, except each pad its own (a query that sees nothing
+    would be NaN, and NaN times a zero weight is NaN)."""
 
-    def __init__(self, max_len):
-        self.max_len = max_len
+    def __init__(self, max_len, pads=None):
+        self.max_len, self.pads = max_len, pads
         self.k, self.v = {}, {}  # layer -> (B, Hkv, max_len, D)
 
     def attend(self, layer, q, k, v, pos):
-        """q (B, Hq, T, D), k, v (B, Hkv, T, D) at positions pos (T,) -> (B, Hq, T, D)."""
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) in slots pos (T,) -> (B, Hq, T, D)."""
         if layer not in self.k:
             B, Hkv, _, D = k.shape
             self.k[layer], self.v[layer] = (x.new_zeros(B, Hkv, self.max_len, D) for x in (k, v))
@@ -104,13 +134,22 @@ class KVCache:
         k_all.index_copy_(2, pos, k)
         v_all.index_copy_(2, pos, v)
         B, Hq, T, D = q.shape
-        if T > 1:  # the prompt, from position 0 (prefill_and_compress makes it so)
+        if T > 1 and self.pads is None:  # the prompt, from slot 0 (prefill_and_compress makes it so)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if T > 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.visible(pos, T), enable_gqa=True)
         # the query heads that share a KV head act as G queries of that head: each K/V is read once
-        mask = torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]
         grouped = q.view(B, k_all.shape[1], -1, D)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=mask)  # (B, Hkv, G, D)
+        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.visible(pos, self.max_len))
         return out.reshape(B, Hq, 1, D)  # not view: CUDA's float32 kernels return it non-contiguous
+
+    def visible(self, pos, n):
+        """The slots 0..n-1 that queries in slots pos (T,) attend: (T, n), or (B, 1, T, n) with pads."""
+        slots = torch.arange(n, device=pos.device)
+        causal = slots[None] <= pos[:, None]
+        if self.pads is None:
+            return causal
+        return causal & ((slots >= self.pads[:, None])[:, None, None] | (slots[None] == pos[:, None]))
 
     def keys_values(self):
         """Per layer, in order: (B, Hkv, max_len, D) keys and values."""
@@ -151,19 +190,25 @@ def rope_inv_freq(model, head_dim):
     return inv_freq.clone()
 
 
-def next_logits(model, tokens, pos, cache):
-    """tokens (B, T) at positions pos (T,), attention by `cache` -> logits (B, vocab) after the last, float32."""
-    out = model(tokens, position_ids=pos[None], use_cache=False, logits_to_keep=1, calidrop_cache=cache)
+def next_logits(model, tokens, pos, cache, pads=None):
+    """tokens (B, T) in cache slots pos (T,), attention by `cache` -> logits (B, vocab) after the last, float32.
+    pads (B,): a left-padded batch, so sequence b's tokens sit at positions pos - pads[b] (its pads at 0, as
+    generate() puts them)."""
+    positions = pos[None] if pads is None else (pos[None] - pads[:, None]).clamp(min=0)
+    out = model(tokens, position_ids=positions, use_cache=False, logits_to_keep=1, calidrop_cache=cache,
+                calidrop_slots=pos)
     return out.logits[:, -1].float()
 
 
-def prefill_cache(model, config, prompt_len, max_new_tokens):
-    """The full cache a prefill of prompt_len tokens runs through, and the PrefillRecorder that wraps it when
-    config (None: the full cache) will compress it (None when the prompt fits in the budget): (full, recorder)."""
+def prefill_cache(model, config, prompt_len, max_new_tokens, pads=None):
+    """The full cache a prefill of prompt_len tokens (left-padded by pads (B,), if given) runs through, and the
+    PrefillRecorder that wraps it when config (None: the full cache) will compress it (None when the prompt
+    fits in the budget): (full, recorder)."""
     check_model(model, prompt_len + max_new_tokens)
     compress = config is not None and prompt_len > config.budget
-    full = KVCache(prompt_len if compress else prompt_len + max_new_tokens)
-    return full, calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o") if compress else None
+    full = KVCache(prompt_len if compress else prompt_len + max_new_tokens, pads)
+    return full, (calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o", pads=pads)
+                  if compress else None)
 
 
 def compress(model, config, full, recorder, max_new_tokens, store=None):
@@ -174,13 +219,14 @@ def compress(model, config, full, recorder, max_new_tokens, store=None):
     return calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, max_new_tokens, store, inv_freq)
 
 
-def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
+def prefill_and_compress(model, tokens, config, max_new_tokens, store=None, pads=None):
     """generate.py's function of the same name on a transformers model: one prefill with the full cache; then,
     unless config is None (the full cache) or the prompt fits in the budget, compress it with
-    CaliDropCache.from_prefill. tokens (B, L): one prompt length, no padding. Returns (logits, cache)."""
+    CaliDropCache.from_prefill. tokens (B, L), left-padded by pads (B,) if given: sequence b's first pads[b]
+    tokens are padding, never attended, kept, scored, offloaded or calibrated with. Returns (logits, cache)."""
     B, L = tokens.shape
-    full, recorder = prefill_cache(model, config, L, max_new_tokens)
-    logits = next_logits(model, tokens, torch.arange(L, device=tokens.device), recorder or full)
+    full, recorder = prefill_cache(model, config, L, max_new_tokens, pads)
+    logits = next_logits(model, tokens, torch.arange(L, device=tokens.device), recorder or full, pads)
     if not full.k:
         raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
                          "AttentionInterface")
@@ -190,11 +236,11 @@ def prefill_and_compress(model, tokens, config, max_new_tokens, store=None):
 
 
 @torch.inference_mode()
-def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
-    """Greedy: input_ids (B, L) -> (new ids (B, N), cache), N <= max_new_tokens: it stops once every sequence
-    has produced one of stop_ids (cut each sequence after its own). The last new token is never fed, so the
-    cache holds the K/V of L + N - 1 tokens."""
-    logits, cache = prefill_and_compress(model, input_ids, config, max_new_tokens, store)
+def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None, pads=None):
+    """Greedy: input_ids (B, L), left-padded by pads (B,) if given -> (new ids (B, N), cache), N <=
+    max_new_tokens: it stops once every sequence has produced one of stop_ids (cut each sequence after its
+    own). The last new token is never fed, so the cache holds the K/V of L + N - 1 slots."""
+    logits, cache = prefill_and_compress(model, input_ids, config, max_new_tokens, store, pads)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     new_ids = [logits.argmax(-1, keepdim=True)]
     done = torch.isin(new_ids[-1][:, 0], stop)
@@ -202,28 +248,31 @@ def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None):
         if done.all():
             break
         pos = torch.tensor([input_ids.shape[1] + i], device=input_ids.device)
-        new_ids.append(next_logits(model, new_ids[-1], pos, cache).argmax(-1, keepdim=True))
+        new_ids.append(next_logits(model, new_ids[-1], pos, cache, pads).argmax(-1, keepdim=True))
         done |= torch.isin(new_ids[-1][:, 0], stop)
     return torch.cat(new_ids, 1), cache
 
 
 class GenerationCache(transformers.Cache):
-    """The cache `model.generate(input_ids, cache=GenerationCache(model, config, max_new_tokens))`
-    decodes through, on a model loaded with attn_implementation="calidrop"; one per generate() call.
+    """The cache `model.generate(input_ids, attention_mask=..., cache=GenerationCache(model, config,
+    max_new_tokens))` decodes through, on a model loaded with attn_implementation="calidrop"; one per
+    generate() call.
 
     The first forward is the prefill: through a KVCache, wrapped in a PrefillRecorder when config compresses
     the prompt (config None: the full cache), as prefill_and_compress does; its last layer compresses it with
     CaliDropCache.from_prefill. Every later forward is one token, routed to `kv.attend`. `kv` is calidrop.py's
     side of it: the KVCache, or after compression the CaliDropCache (decisions(), stats(), counts, reloads).
-    max_new_tokens: at most generate()'s, the room the cache keeps for the new tokens."""
+    A left-padded batch (zeros at the start of attention_mask's rows): `pads` (B,), read off the mask at the
+    prefill; each sequence's stats are `kv.stats(n, rows=slice(b, b + 1))`. max_new_tokens: at most
+    generate()'s, the room the cache keeps for the new tokens."""
 
     def __init__(self, model, config, max_new_tokens, store=None):
         check_model(model, max_new_tokens)
         super().__init__(layers=[])  # no transformers layers: calidrop.py holds the K/V
         self.model, self.config, self.max_new_tokens, self.store = model, config, max_new_tokens, store
         self.n_layers = model.config.get_text_config().num_hidden_layers
-        self.kv = self.recorder = None  # the recorder only during a compressing prefill
-        self.prompt_len = self.length = 0  # length: tokens per sequence fed so far, this forward's included
+        self.kv = self.recorder = self.pads = None  # the recorder only during a compressing prefill
+        self.prompt_len = self.length = 0  # length: slots per sequence fed so far, this forward's included
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Called by each attention layer before its attention function: starts a forward at layer 0, and
@@ -234,8 +283,7 @@ class GenerationCache(transformers.Cache):
         return key_states, value_states
 
     def start_forward(self, n_tokens):
-        if self.kv is None:  # the prefill
-            self.kv, self.recorder = prefill_cache(self.model, self.config, n_tokens, self.max_new_tokens)
+        if self.length == 0:  # the prefill: its first attention call makes the caches, once it sees the mask
             self.prompt_len = n_tokens
         elif n_tokens != 1:
             raise ValueError("a GenerationCache serves one generate() call: one prefill, then one token per "
@@ -245,7 +293,14 @@ class GenerationCache(transformers.Cache):
                              "make it with generate()'s max_new_tokens")
         self.length += n_tokens
 
-    def attend(self, layer, q, k, v, pos):
+    def attend(self, layer, q, k, v, attention_mask):
+        """calidrop.py's attend at this forward's slots: the same for every sequence (prompt_len + tokens
+        fed), whatever positions transformers gave a left-padded sequence's RoPE."""
+        pos = torch.arange(self.length - q.shape[2], self.length, device=q.device)
+        if self.kv is None:
+            self.pads = left_padding(attention_mask)
+            self.kv, self.recorder = prefill_cache(self.model, self.config, self.prompt_len, self.max_new_tokens,
+                                                   self.pads)
         if self.recorder is None:
             return self.kv.attend(layer, q, k, v, pos)
         out = self.recorder.attend(layer, q, k, v, pos)
