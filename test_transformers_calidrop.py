@@ -479,6 +479,25 @@ def test_cli_stats_equal_generate_py(tiny_ckpt, tmp_path):
     assert stats[0]["kv_bytes_selection"] > 0 and stats[0]["reload_fraction"] > 0  # pages were ranked and read
 
 
+def test_cli_several_prompts_equal_generate_py(tiny_ckpt, tmp_path):
+    """Three prompts of different lengths (one within the budget) through both CLIs: one left-padded batch
+    each, the same texts and the same batch and per-sequence stats (byte counts, decisions), timings aside."""
+    prompts = ["the quick brown fox jumps over the lazy dog " * 2, "judge my vow", "pack my box with five dozen liquor jugs"]
+    stats = []
+    for script in ("examples/transformers_calidrop.py", "generate.py"):
+        out = tmp_path / f"{Path(script).stem}.json"
+        result = run_cli(script, "--ckpt", tiny_ckpt, *[x for p in prompts for x in ("--prompt", p)], "--budget", 24,
+                         "--window", 8, "--theta1", 0.3, "--theta2", 0.6, "--max-new-tokens", 8, "--page-size", 4,
+                         "--reload-pages", 2, "--stats-json", out)
+        assert result.returncode == 0, result.stderr
+        stats.append(json.loads(out.read_text()))
+        for timing in ("prefill_s", "compile_s", "decode_s", "decode_tokens_per_s"):
+            stats[-1].pop(timing)
+    assert stats[0] == stats[1]
+    assert stats[0]["batch"] == 3 and stats[0]["compressed"]
+    assert [s["prompt_tokens"] for s in stats[0]["sequences"]] == [88, 12, 39]
+
+
 BAD_INPUTS = {  # test_cli.py's cases, for this CLI
     "missing directory": (["--ckpt", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
     "missing tokenizer": (["--ckpt", "{no_tok}", "--prompt", "hi"], "tokenizer.json"),

@@ -351,8 +351,9 @@ from model import CheckpointError  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help=CKPT_HELP)
-    p.add_argument("--prompt", help="the prompt text")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
+    p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -398,32 +399,37 @@ def run(args):
     ckpt = resolve_checkpoint(args.ckpt)
     max_len = context_length(ckpt)
     codec = TextCodec(ckpt)
-    ids = codec.encode(args.prompt, chat=args.chat)
-    if len(ids) > max_len:
-        raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context ({max_len})")
-    max_new = min(args.max_new_tokens, max_len - len(ids))
+    prompts = [codec.encode(prompt, chat=args.chat) for prompt in args.prompts]
+    longest = max(len(ids) for ids in prompts)
+    if longest > max_len:
+        raise UsageError(f"the prompt is {longest} tokens, longer than the model's context ({max_len})")
+    max_new = min(args.max_new_tokens, max_len - longest)
     if max_new < args.max_new_tokens:
         log(f"note: the context has room for {max_new} new tokens only")
     config = None if args.method == "full" else cli.make_config(args)  # already checked
-    if config is not None and len(ids) <= config.budget:
-        log(f"note: the prompt ({len(ids)} tokens) fits in the budget ({config.budget}): not compressed")
+    if config is not None and longest <= config.budget:
+        log(f"note: the prompt ({longest} tokens) fits in the budget ({config.budget}): not compressed")
     model = load(ckpt, device, dtype)
 
     with torch.inference_mode():
-        tokens = torch.tensor([ids], device=device)
+        tokens, pads = cli.left_pad(prompts, device)  # pads None for one prompt
         synchronize(device)
         t0 = time.perf_counter()
         try:
-            logits, cache = prefill_and_compress(model, tokens, config, max_new)
+            logits, cache = prefill_and_compress(model, tokens, config, max_new, pads=pads)
         except ValueError as e:  # a model this adapter does not support
             raise CheckpointError(str(e)) from None
         token = logits.argmax(-1, keepdim=True)
         synchronize(device)
         prefill_s = time.perf_counter() - t0
 
-        decoded = cli.stream(lambda token, pos: next_logits(model, token, pos, cache).argmax(-1, keepdim=True),
-                             token, len(ids), max_new, codec, device)
-    return cli.finish(args, ckpt, config, model, cache, device, dtype, len(ids), prefill_s, *decoded)
+        def next_token(token, pos):
+            return next_logits(model, token, pos, cache, pads).argmax(-1, keepdim=True)
+        if pads is not None:
+            decoded = cli.decode_batch(next_token, token, tokens.shape[1], max_new, codec, device)
+            return cli.finish_batch(args, ckpt, config, model, cache, device, dtype, prompts, prefill_s, *decoded)
+        decoded = cli.stream(next_token, token, longest, max_new, codec, device)
+    return cli.finish(args, ckpt, config, model, cache, device, dtype, longest, prefill_s, *decoded)
 
 
 def main(argv=None):
