@@ -57,8 +57,9 @@ def merge(out_a, lse_a, out_b, lse_b):
 
     attention(A u B) = w * o_A + (1 - w) * o_B,  w = sigmoid(lse_A - lse_B).
     """
-    w_a = torch.sigmoid(lse_a - lse_b)[..., None]
-    w_b = torch.sigmoid(lse_b - lse_a)[..., None]  # = 1 - w_a, without the cancellation
+    diff = (lse_a - lse_b).nan_to_num(0.0)  # NaN: A and B both empty (-inf), whose outputs are both 0
+    w_a = torch.sigmoid(diff)[..., None]
+    w_b = torch.sigmoid(-diff)[..., None]  # = 1 - w_a, without the cancellation
     out = w_a * out_a + w_b * out_b  # in the lse's precision
     return out.to(out_a.dtype), torch.logaddexp(lse_a, lse_b)
 

@@ -102,6 +102,15 @@ def test_merge_accumulate_and_empty_set_identity():
         assert torch.equal(empty[0], torch.zeros(B, HQ, D))
         for merged in (calidrop.merge(*full32, *empty), calidrop.merge(*empty, *full32)):
             assert torch.equal(merged[0], full32[0]) and torch.equal(merged[1], full32[1])
+        both = calidrop.merge(*empty, *empty)  # two empty sets: still empty (not NaN)
+        assert torch.equal(both[0], empty[0]) and torch.equal(both[1], empty[1])
+    # Keys masked off (a padded sequence's): chunks that see nothing merge as empty sets; the rest as
+    # attention over the visible keys alone
+    for visible in (torch.zeros(B, HKV, 1, S, dtype=torch.bool), in_a.expand(B, HKV, 1, S)):
+        for chunk in (3, S):
+            acc = calidrop.accumulate(q32, k32, v32, visible, chunk=chunk)
+            alone = calidrop.attention_with_lse(q32, k32[:, :, visible[0, 0, 0]], v32[:, :, visible[0, 0, 0]])
+            torch.testing.assert_close(acc, alone, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------- 2. theta1 > 1: full attention
