@@ -394,8 +394,8 @@ class CaliDropCache:
                 pad = pads[:, None, None]
                 layer.kept_visible = F.pad(keep >= pad, (0, max_new_tokens), value=True)[:, :1, None]
                 evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))  # pads last
-                layer.evicted_lens = (evicted >= pad)[:, 0].sum(-1)
                 evicted_visible = (evicted >= pad)[:, :, None]
+                layer.evicted_lens = evicted_visible[:, 0, 0].sum(-1)
             if config.calibration:
                 # the history: the last prompt query (a copy: the recorder's window is not kept alive)
                 layer.hist_q = recorded.window_q[:, :, -1].clone()

@@ -6,18 +6,12 @@ their prompts, so a prompt is the unit; a cell alone has 9-10 prompts, too few t
     python scripts/paired_retrieval.py results/results.json results/qwen/retrieval/results.json
 """
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # evaluation/ is one level up
 from evaluation.report import items  # noqa: E402
-
-
-def mean_se(x):
-    mean = sum(x) / len(x)
-    se = math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1) / len(x)) if len(x) > 1 else float("nan")
-    return mean, se
+from evaluation.variants import mean_se  # noqa: E402
 
 
 def parts(results):
@@ -47,8 +41,8 @@ def main(paths):
                 diffs = [[a - b for a, b in zip(items(configs[m, b, variant], metric), items(configs[m, b, "evict"], metric))]
                          for m, b in cells if (m, b, variant) in configs]
                 per_prompt = [sum(d[i] for d in diffs) / len(diffs) for i in (select or range(len(diffs[0])))]
-                mean, se = mean_se(per_prompt)
-                print(f"| {path} | {name} | {variant} | {len(diffs)} | {len(per_prompt)} | {mean:+.3f} ± {se:.3f} |")
+                d = mean_se(per_prompt)
+                print(f"| {path} | {name} | {variant} | {len(diffs)} | {len(per_prompt)} | {d['mean']:+.3f} ± {d['se']:.3f} |")
 
 
 if __name__ == "__main__":

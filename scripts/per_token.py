@@ -9,18 +9,19 @@ predicted distribution beside it.
 A bin's difference is the mean over segments of each segment's mean over the bin's tokens, with the paired
 standard error over segments (tokens of one segment are not independent)."""
 import json
-import math
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # evaluation/ is one level up
+from evaluation.variants import mean_se  # noqa: E402
 
 
 def paired(delta, mask):
     """delta (S, M), mask (S, M) bool -> 'mean ± se' over the segments that have tokens in the bin."""
-    per_segment = [(d[m].mean().item()) for d, m in zip(delta, mask) if m.any()]
-    x = torch.tensor(per_segment, dtype=torch.float64)
-    se = x.std().item() / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return f"{x.mean().item():+.3f} ± {se:.3f}"
+    diff = mean_se([row[m].mean().item() for row, m in zip(delta, mask) if m.any()])
+    return f"{diff['mean']:+.3f} ± {diff['se']:.3f}"
 
 
 def main(path):
