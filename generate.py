@@ -228,14 +228,20 @@ def stream(step, token, prompt_len, max_new, codec, device):
         text = piece
         if i == max_new - 1:  # the last sampled token is never fed
             break
-        pos = torch.tensor([prompt_len + i], device=device)
-        graphs = compiled_graphs()
-        t0 = time.perf_counter()
-        token = step(token, pos)
-        synchronize(device)
-        (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
+        token = timed_step(step, token, prompt_len + i, device, step_s, compiling_s)
     print(flush=True)
     return new_ids, text, step_s, compiling_s
+
+
+def timed_step(step, token, slot, device, step_s, compiling_s):
+    """step(token, pos) at slot -> the next token; its seconds go to step_s, or to compiling_s if it compiled
+    something."""
+    graphs = compiled_graphs()
+    t0 = time.perf_counter()
+    token = step(token, torch.tensor([slot], device=device))
+    synchronize(device)
+    (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
+    return token
 
 
 def decode_batch(step, token, prompt_len, max_new, codec, device):
@@ -248,11 +254,7 @@ def decode_batch(step, token, prompt_len, max_new, codec, device):
     for i in range(max_new - 1):  # the last sampled token is never fed
         if bool(done.all()):
             break
-        graphs = compiled_graphs()
-        t0 = time.perf_counter()
-        token = step(token, torch.tensor([prompt_len + i], device=device))
-        synchronize(device)
-        (step_s if compiled_graphs() == graphs else compiling_s).append(time.perf_counter() - t0)
+        token = timed_step(step, token, prompt_len + i, device, step_s, compiling_s)
         rows.append(token)
         done |= torch.isin(token[:, 0], stop)
     new_ids = []
@@ -273,11 +275,8 @@ def finish_batch(args, ckpt, config, model, cache, device, dtype, prompts, prefi
     L = max(len(ids) for ids in prompts)
     decode_s = sum(step_s)
     stats = {
-        "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
-        "compressed": isinstance(cache, calidrop.CaliDropCache), "calibration": config is not None and config.calibration,
-        "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
-        "compile": args.compile, "batch": len(prompts), "prefill_s": prefill_s, "compile_s": sum(compiling_s),
-        "decode_s": decode_s, "decode_tokens_per_s": len(step_s) * len(prompts) / decode_s if step_s else None,
+        **run_settings(args, ckpt, config, cache, device, dtype), "batch": len(prompts),
+        "prefill_s": prefill_s, "compile_s": sum(compiling_s), "decode_s": decode_s, "decode_tokens_per_s": len(step_s) * len(prompts) / decode_s if step_s else None,
         **cache_stats(cache, L + fed),
         "sequences": [{"prompt_tokens": len(ids), "new_tokens": len(new), "text": text,
                        **(cache.stats(L + fed, slice(b, b + 1)) if isinstance(cache, calidrop.CaliDropCache) else {})}
@@ -303,12 +302,7 @@ def finish(args, ckpt, config, model, cache, device, dtype, prompt_len, prefill_
     fed = len(new_ids) - 1  # tokens whose K/V went into the cache during decoding
     decode_s = sum(step_s)  # the steady state: the steps that compiled something are in compile_s
     stats = {
-        "ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
-        "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
-        "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
-        "calibration": config is not None and config.calibration,
-        "theta1": args.theta1, "theta2": args.theta2, "device": str(device), "dtype": str(dtype),
-        "compile": args.compile, "prompt_tokens": prompt_len, "new_tokens": len(new_ids), "text": text,
+        **run_settings(args, ckpt, config, cache, device, dtype), "prompt_tokens": prompt_len, "new_tokens": len(new_ids), "text": text,
         "prefill_s": prefill_s, "compile_s": sum(compiling_s), "decode_s": decode_s,
         "decode_tokens_per_s": len(step_s) / decode_s if step_s else None,
         **cache_stats(cache, prompt_len + fed),
@@ -318,6 +312,15 @@ def finish(args, ckpt, config, model, cache, device, dtype, prompt_len, prefill_
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def run_settings(args, ckpt, config, cache, device, dtype):
+    """What a run was asked for, as every stats file records it."""
+    return {"ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
+            "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
+            "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
+            "calibration": config is not None and config.calibration, "theta1": args.theta1, "theta2": args.theta2,
+            "device": str(device), "dtype": str(dtype), "compile": args.compile}
 
 
 def add_derived(stats, model, device):
