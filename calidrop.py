@@ -1,19 +1,23 @@
 """CaliDrop: KV-cache eviction plus calibration of the evicted tokens (Su et al., arXiv 2507.19906).
 
 One file, torch only, to read top to bottom or copy into another project. It follows the method:
-  1. attention as an (out, lse) pair and the exact merge of two such pairs        (spec section 3)
-  2. eviction scores for StreamingLLM, H2O, SnapKV, PyramidKV and one selection   (section 6)
-  3. the prefill: what scoring needs, and the calibration state of the evicted set (section 4)
-  4. decoding: attend the kept cache, then calibrate, recompute or do nothing     (section 5)
+  1. attention as an (out, lse) pair, and the exact merge of two such pairs
+  2. the eviction scores of StreamingLLM, H2O, SnapKV and PyramidKV, and one selection
+  3. the settings and the prefill: what scoring needs, recorded while the prompt runs
+  4. decoding: attend the kept cache, then per head calibrate, recompute or do nothing
   5. accounting: decisions, bytes held, bytes read back
-  6. the evicted set in pages: a recompute reads only the pages its query needs
+  6. beyond the paper: a reload capacity, and a decode step that compiles to one graph
+A recompute reads every evicted token of its KV head (the paper's rule); where calidrop_pages.py sits beside
+this file, only the pages that hold most of the query's attention (this project's accelerator, reload_pages).
+
 The cache plugs into a model through one call, `cache.attend(layer, q, k, v, pos)`, with post-RoPE
 q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (model.py's names):
 
     full = FullCache(model.args, batch, prompt_len)                   # the plain cache
     recorder = calidrop.PrefillRecorder(full, window=32, h2o=False)   # records what scoring needs
     logits = prefill(model, tokens, recorder)                         # full causal attention
-    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens)
+    cache = calidrop.CaliDropCache.from_prefill(config, full.k, full.v, recorder, max_new_tokens,
+                                                inv_freq=model.inv_freq)  # RoPE frequencies: to rank pages
     logits = decode_one_token(model, token, pos, cache)               # then one token at a time
 
 Prompts of different lengths decode as one batch left-padded to the longest: pads (B,), each sequence's
@@ -21,10 +25,15 @@ padding, goes to the model, the FullCache and the PrefillRecorder (pads=pads), a
 """
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+try:  # the page-sparse recompute, where it sits beside this file
+    import calidrop_pages
+except ImportError:
+    calidrop_pages = None
 
 METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv")
 
@@ -79,6 +88,13 @@ def group_mean(scores, n_kv_heads):
     """(B, Hq, L) per query head -> (B, Hkv, L): the cache stays KV-head sized under GQA."""
     B, Hq, L = scores.shape
     return scores.view(B, n_kv_heads, Hq // n_kv_heads, L).mean(2)
+
+
+def own_positions(length, pads, device=None):
+    """(B, L) each slot's position in its own sequence, negative on the left padding pads (B,); (1, L)
+    without padding (None)."""
+    slots = torch.arange(length, device=device)[None]
+    return slots if pads is None else slots - pads[:, None]
 
 
 def score_streamingllm(positions, sink):
@@ -149,13 +165,6 @@ SCORERS = {
 SCORERS["pyramidkv"] = SCORERS["snapkv"]
 
 
-def own_positions(length, pads, device=None):
-    """(B, L) each slot's position in its own sequence, negative on the left padding pads (B,); (1, L)
-    without padding (None)."""
-    slots = torch.arange(length, device=device)[None]
-    return slots if pads is None else slots - pads[:, None]
-
-
 def score(config, k, recorded, pads=None):
     """The config's method's scores (B, Hkv, L); the left padding scores -inf, so it is never kept."""
     scores = SCORERS[config.method](config, k, recorded, pads)
@@ -196,7 +205,70 @@ def gather_tokens(x, idx):
     return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
-# ------------------------------------------------------------------------------------ 3. the prefill
+# ------------------------------------------------------------------------ 3. the settings, the prefill
+
+@dataclass
+class CaliDropConfig:
+    """The settings; checked when built (ValueError)."""
+    method: str = "snapkv"
+    budget: int = 256             # prompt tokens kept per (layer, KV head), sinks and window included
+    window: int = 32              # SnapKV's observation window
+    sink: int = 32                # StreamingLLM's attention sinks
+    theta1: float = 0.7           # rho < theta1: recompute (<= -1: never, and the evicted K/V are freed)
+    theta2: float = 0.85          # rho > theta2: calibrate
+    calibration: bool = True      # False: plain eviction
+    calibration_size: int | None = None  # evicted tokens offloaded and calibrated with (None: all)
+    pool_kernel: int = 5
+    # which evicted tokens a recompute reads (calidrop_pages.py): "auto" (pages where ranking them costs less
+    # than reading every token), a number of pages, or None (every evicted token: the paper's rule)
+    reload_pages: int | str | None = "auto"
+    page_size: int = 16           # evicted tokens per page: the unit a recompute reads
+    reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute (section 6)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        # window >= 1 for every method: the recorder's last window query is the historical query
+        for name, low in (("window", 1), ("budget", 1), ("sink", 0), ("calibration_size", 0), ("page_size", 1),
+                          ("reload_capacity", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} ({name}={getattr(self, name)})")
+        if self.method in ("snapkv", "pyramidkv") and self.budget <= self.window:
+            raise ValueError(f"{self.method} needs budget > window (budget={self.budget}, window={self.window})")
+        if self.method == "streamingllm" and self.budget <= self.sink:
+            raise ValueError(f"streamingllm needs budget > sink (budget={self.budget}, sink={self.sink})")
+        if self.method == "h2o" and self.budget < 2:
+            raise ValueError("h2o needs budget >= 2 (half recent, half heavy hitters)")
+        theta1, theta2 = torch.as_tensor(self.theta1), torch.as_tensor(self.theta2)
+        if theta1.isnan().any() or theta2.isnan().any():
+            raise ValueError("theta1 and theta2 must be numbers")
+        # the extremes are how a user checks exactness: theta1 > 1 recomputes at every step whatever theta2,
+        # theta1 <= -1 never recomputes, theta2 > 1 never calibrates; in between, theta1 < theta2
+        if ((theta1 > -1) & (theta1 <= 1) & (theta1 >= theta2)).any():
+            raise ValueError("need theta1 < theta2, unless theta1 > 1 (recompute at every step) "
+                             "or <= -1 (never recompute)")
+        if not (self.reload_pages in (None, "auto") or isinstance(self.reload_pages, int) and self.reload_pages >= 1):
+            raise ValueError(f"reload_pages must be >= 1, 'auto', or None for every evicted token "
+                             f"(reload_pages={self.reload_pages!r})")
+        if isinstance(self.reload_pages, int) and calidrop_pages is None:
+            raise ValueError("reload_pages ranks pages of evicted tokens: that needs calidrop_pages.py beside "
+                             "calidrop.py (without it, reload_pages='auto' or None reads every evicted token)")
+
+    @property
+    def exact(self):
+        """theta1 > 1 for every sequence: a recompute at every step over every evicted token, the full cache's
+        output (the exactness check)."""
+        return bool(torch.as_tensor(self.theta1).min() > 1)
+
+    @property
+    def recomputes(self):
+        """Whether any sequence may recompute: only then are the evicted K/V kept. (theta1 and theta2 may
+        be (B, 1) tensors, one per sequence: evaluate.py decodes the variants of a config as rows.)"""
+        return self.calibration and bool(torch.as_tensor(self.theta1).max() > -1)
+
 
 @dataclass
 class Recorded:
@@ -223,112 +295,7 @@ class PrefillRecorder:
         return out
 
 
-@dataclass
-class CaliDropConfig:
-    method: str = "snapkv"
-    budget: int = 256             # prompt tokens kept per (layer, KV head), sinks and window included
-    window: int = 32              # SnapKV's observation window
-    sink: int = 32                # StreamingLLM's attention sinks
-    theta1: float = 0.7           # rho < theta1: recompute (<= -1: never, and the evicted K/V are freed)
-    theta2: float = 0.85          # rho > theta2: calibrate
-    calibration: bool = True      # False: plain eviction
-    calibration_size: int | None = None  # evicted tokens offloaded and calibrated with (None: all)
-    pool_kernel: int = 5
-    page_size: int = 16           # evicted tokens per page: the unit a recompute reads
-    reload_pages: int | str | None = "auto"  # pages a recompute reads per KV head: "auto" (pages_to_read), a
-                                             # number, or None (every evicted token: the paper's rule)
-    reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute, shared
-                                        # by the batch (None: all, the paper's rule); the others wait
-
-    def check(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        if self.window < 1:  # the recorder's last window query is the historical query, whatever the method
-            raise ValueError(f"--window must be >= 1 ({self.window})")
-        if self.budget < 1:
-            raise ValueError(f"--budget must be >= 1 ({self.budget})")
-        if self.sink < 0:
-            raise ValueError(f"--sink must be >= 0 ({self.sink})")
-        if self.method in ("snapkv", "pyramidkv") and self.budget <= self.window:
-            raise ValueError(f"{self.method} needs --budget > --window ({self.budget} <= {self.window})")
-        if self.method == "streamingllm" and self.budget <= self.sink:
-            raise ValueError(f"streamingllm needs --budget > --sink ({self.budget} <= {self.sink})")
-        if self.method == "h2o" and self.budget < 2:
-            raise ValueError("h2o needs --budget >= 2 (half recent, half heavy hitters)")
-        if self.calibration_size is not None and self.calibration_size < 0:
-            raise ValueError("--calibration-size must be >= 0")
-        theta1, theta2 = torch.as_tensor(self.theta1), torch.as_tensor(self.theta2)
-        if theta1.isnan().any() or theta2.isnan().any():
-            raise ValueError("--theta1 and --theta2 must be numbers")
-        # the extremes are how a user checks exactness: theta1 > 1 recomputes at every step whatever theta2,
-        # theta1 <= -1 never recomputes, theta2 > 1 never calibrates; in between, theta1 < theta2
-        if ((theta1 > -1) & (theta1 <= 1) & (theta1 >= theta2)).any():
-            raise ValueError("need --theta1 < --theta2, unless --theta1 > 1 (recompute at every step) "
-                             "or <= -1 (never recompute)")
-        if self.page_size < 1 or not (self.reload_pages in (None, "auto") or self.reload_pages >= 1):
-            raise ValueError("--page-size and --reload-pages must be >= 1")
-        if self.reload_capacity is not None and self.reload_capacity < 1:
-            raise ValueError("--reload-capacity must be >= 1")
-
-    @property
-    def exact(self):
-        """theta1 > 1 for every sequence: a recompute at every step over every evicted token, the full cache's
-        output (the exactness check)."""
-        return bool(torch.as_tensor(self.theta1).min() > 1)
-
-    @property
-    def recomputes(self):
-        """Whether any sequence may recompute: only then are the evicted K/V kept. (theta1 and theta2 may
-        be (B, 1) tensors, one per sequence: evaluate.py decodes the variants of a config as rows.)"""
-        return self.calibration and bool(torch.as_tensor(self.theta1).max() > -1)
-
-
 # -------------------------------------------------------------------------------------- 4. decoding
-
-def reading_pairs(reload, capacity=None):
-    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
-
-    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
-    depend on the decisions, so that the step is one graph with no host sync: every pair in order, or with a
-    capacity, `capacity` pairs of the batch, the reloading ones first; a pair that does not need it has
-    needed False and reads a dummy token."""
-    if not torch.compiler.is_compiling():
-        rows, kv_heads = reload.nonzero(as_tuple=True)
-        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
-    B, Hkv = reload.shape
-    pairs = torch.arange(B * Hkv, device=reload.device)
-    if capacity is not None and capacity < B * Hkv:
-        pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
-    return pairs // Hkv, pairs % Hkv, reload.flatten()[pairs]
-
-
-AUTO_PAGES, AUTO_SHARE = 12, 1 / 16  # reload_pages "auto": 1/16 of the evicted pages, at least 12
-SKETCH_RANK = 16  # principal directions of the pre-RoPE keys that the key sketch keeps
-
-
-def pages_to_read(config, evicted_len, group, head_dim, offloaded, rank=SKETCH_RANK):
-    """Pages a recompute reads per KV head, or None: every evicted token (the dense recompute, exact; so
-    with theta1 > 1, the exactness check). A number N: N pages ranked by the key sketch. "auto": N = max(12,
-    1/16 of the P pages), or every token where that costs no more than ranking, counted in multiply-adds
-    per (sequence, KV head) with its G query heads, the keys rebuilt from their rank-r sketch:
-        every token:  E x 2GD                       (q.k and the weighted values)
-        ranking:      (P + M x page_size) x (r + G)D + N x page_size x 2GD
-    (every page's mean key, the M shortlisted pages token by token, then the N pages read). A store
-    offloaded to host memory is read over the host link, whose bytes cost more than this arithmetic: there
-    it ranks."""
-    P = -(-evicted_len // config.page_size)
-    if config.reload_pages is None or config.exact:
-        return None
-    if config.reload_pages != "auto":
-        return config.reload_pages if config.reload_pages < P else None
-    n = max(AUTO_PAGES, math.ceil(P * AUTO_SHARE))
-    if n >= P:
-        return None
-    every = evicted_len * 2 * group * head_dim
-    ranked = ((P + shortlist_size(n, P) * config.page_size) * (rank + group) * head_dim
-              + n * config.page_size * 2 * group * head_dim)
-    return n if offloaded or ranked < every else None
-
 
 @dataclass
 class Layer:
@@ -343,32 +310,69 @@ class Layer:
     kept_visible: torch.Tensor | None = None  # left padding: (B, 1, 1, kept + new), False on kept pads
     evicted_lens: torch.Tensor | None = None  # left padding: (B,) each sequence's evicted tokens, the
                                               # store's first ones (its pads follow, never read)
-    pages: int | None = None   # pages a recompute reads per KV head (pages_to_read; None: every token)
     hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
     hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set
     hist_lse: torch.Tensor | None = None  # (B, Hq) float32: lse_E(hist_q)
-    sketch: "KeySketch | None" = None       # what ranks the evicted pages (with pages)
+    pages: "calidrop_pages.LayerPages | None" = None  # the pages a recompute reads (None: every evicted token)
+
+
+class OffloadStore:
+    """Each layer's evicted K/V, off the fast path: host memory when the model runs on a GPU, pinned, so that
+    a reload copies at the host link's speed (measured on an H100: 47-54 GB/s pinned, 6-7 pageable). Tokens
+    lie in position order per (sequence, KV head). Any object with put / read / get / nbytes can replace it:
+    ott.py's quantized stores, offload_gather.py's, which the GPU reads without a host sync."""
+
+    def __init__(self, device):
+        self.device, self.k, self.v = torch.device(device), {}, {}
+
+    def put(self, layer, k, v):
+        """k, v (B, Hkv, E, D): one layer's evicted tokens."""
+        pin = self.device.type == "cpu" and k.device.type == "cuda"
+        self.k[layer], self.v[layer] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x)
+                                        for x in (k, v))
+
+    def read(self, layer, rows, kv_heads, tokens):
+        """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]) -> k, v (n, S, D) on rows' device;
+        only those tokens are read."""
+        return tuple(read_tokens(x[layer], rows, kv_heads, tokens) for x in (self.k, self.v))
+
+    def get(self, layer):
+        """Every evicted token of the layer: k, v (B, Hkv, E, D)."""
+        return self.k[layer], self.v[layer]
+
+    def nbytes(self, layer=None):
+        layers = self.k if layer is None else [layer]
+        return sum(self.k[i].nbytes + self.v[i].nbytes for i in layers)
+
+
+def read_tokens(x, rows, kv_heads, tokens):
+    """x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D), on rows' device: one gather."""
+    B, Hkv, E, D = x.shape
+    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).to(x.device)  # (n, S) rows of x viewed (-1, D)
+    return x.reshape(-1, D).index_select(0, flat.flatten()).view(*tokens.shape, D).to(rows.device)
 
 
 class CaliDropCache:
     """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens) and
     the calibration state (Layer); the evicted K/V of every layer in an offload store."""
 
-    def __init__(self, config, prompt_len, layers, store, batch_heads, inv_freq=None, pads=None):
+    def __init__(self, config, prompt_len, layers, store, batch_heads, pads=None):
         self.config, self.prompt_len, self.layers, self.store = config, prompt_len, layers, store
         self.pads = pads  # (B,) left padding, or None
-        self.inv_freq = inv_freq  # (D/2,) the model's RoPE frequencies: the sketch's keys are rotated
         self.recomputes = config.recomputes  # once: with per-sequence theta1 tensors it costs a host sync
-        self.counts, self.reloads, self.reload_tokens = new_counters(len(layers), batch_heads, layers[0].k)
+        (B, Hq), Hkv = batch_heads, layers[0].k.shape[1]
+        zeros = functools.partial(torch.zeros, dtype=torch.long, device=layers[0].k.device)
+        self.counts = zeros(len(layers), B, Hq, 3)  # each case (calibrate, recompute, none) per query head
+        self.reloads = zeros(len(layers), B, Hkv)  # recomputes that read the KV head's evicted tokens
+        self.reload_tokens = zeros(len(layers), B, Hkv)  # evicted tokens they read
 
     @classmethod
     def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None, inv_freq=None):
         """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
         the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
-        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to choose pages (reload_pages).
+        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to rank pages (reload_pages).
         A left-padded batch (recorder.pads): the pads are never kept, scored, offloaded or calibrated with,
         so each sequence is compressed as it would be alone; "auto" pages follow the longest evicted set."""
-        config.check()
         n_layers = len(keys)
         B, Hkv, L, D = keys[0].shape
         Hq = recorder.layers[0].window_q.shape[1]
@@ -390,12 +394,14 @@ class CaliDropCache:
                           budget, torch.tensor([budget - L], device=k.device),
                           torch.arange(budget + max_new_tokens, device=k.device), evicted.shape[2])
             evicted_visible = None  # (B, Hkv, 1, E)
+            positions = evicted
             if pads is not None:
                 pad = pads[:, None, None]
                 layer.kept_visible = F.pad(keep >= pad, (0, max_new_tokens), value=True)[:, :1, None]
                 evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))  # pads last
                 evicted_visible = (evicted >= pad)[:, :, None]
                 layer.evicted_lens = evicted_visible[:, 0, 0].sum(-1)
+                positions = evicted - pad
             if config.calibration:
                 # the history: the last prompt query (a copy: the recorder's window is not kept alive)
                 layer.hist_q = recorded.window_q[:, :, -1].clone()
@@ -403,15 +409,12 @@ class CaliDropCache:
                 layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted, evicted_visible)
                 if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
                     store.put(i, k_evicted, v_evicted)
-                    layer.pages = pages_to_read(config, layer.evicted_len, Hq // Hkv, D,
-                                                getattr(store, "device", k.device) != k.device)
-                    if layer.pages is not None:
-                        if inv_freq is None:
-                            raise ValueError("reload_pages: choosing pages needs the model's RoPE frequencies (inv_freq)")
-                        layer.sketch = sketch_keys(k_evicted, evicted - (0 if pads is None else pad), inv_freq,
-                                                   config.page_size, layer.evicted_lens)
+                    if calidrop_pages is not None:
+                        layer.pages = calidrop_pages.for_layer(config, k_evicted, positions, layer.evicted_lens,
+                                                               Hq // Hkv, getattr(store, "device", k.device) != k.device,
+                                                               inv_freq)
             layers.append(layer)
-        return cls(config, L, layers, store, (B, Hq), inv_freq, pads)
+        return cls(config, L, layers, store, (B, Hq), pads)
 
     def attend(self, layer, q, k, v, pos):
         """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
@@ -428,7 +431,8 @@ class CaliDropCache:
 
     def calibrated(self, layer, q, out_kept, lse_kept):
         """Section 5, per (sequence, query head), with rho = cos(q, hist_q): recompute if rho < theta1, else
-        calibrate if rho > theta2, else nothing (the kept cache's output). q, out_kept (B, Hq, D)."""
+        calibrate if rho > theta2, else nothing (the kept cache's output). q, out_kept (B, Hq, D).
+        A recompute first makes q the history; both cases then merge the history into the kept output."""
         if not self.config.calibration:
             none = torch.ones_like(lse_kept, dtype=torch.bool)
             self.count(layer, calibrate=~none, recompute=~none)
@@ -438,50 +442,41 @@ class CaliDropCache:
         recompute = self.stale_heads(rho) if self.recomputes else torch.zeros_like(rho, dtype=torch.bool)
         calibrate = ~recompute & (rho > self.config.theta2)
         if self.recomputes:
-            self.refresh_history(layer, q, lse_kept, recompute)  # recompute: q's history, over the pages read
+            self.refresh_history(layer, q, lse_kept, recompute)  # the recomputing heads' history is now q's
         merged, _ = merge(out_kept, lse_kept, state.hist_out, state.hist_lse)
         self.count(layer, calibrate, recompute)
         return torch.where((calibrate | recompute)[..., None], merged, out_kept)
 
     def stale_heads(self, rho):
-        """(B, Hq) bool: the query heads to recompute now. Section 5's rule, rho < theta1, for at most
-        reload_capacity (sequence, KV head) pairs of the whole batch: those whose stalest query head has the
-        lowest cosine; the rest wait for a later step (their heads do nothing now)."""
+        """(B, Hq) bool: the query heads to recompute now, rho < theta1 (with a reload capacity, section 6,
+        at most that many (sequence, KV head) pairs of them)."""
         stale = rho < self.config.theta1
-        B, Hq = rho.shape
-        Hkv = self.layers[0].k.shape[1]
-        capacity = self.config.reload_capacity
-        if capacity is None or capacity >= B * Hkv:
+        if self.config.reload_capacity is None:
             return stale
-        stalest = rho.masked_fill(~stale, float("inf")).view(B, Hkv, Hq // Hkv).amin(-1).flatten()  # (B x Hkv)
-        allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(0, stalest.topk(capacity, largest=False).indices, True)
-        return stale & allowed.view(B, Hkv).repeat_interleave(Hq // Hkv, 1)
+        return within_capacity(stale, rho, self.layers[0].k.shape[1], self.config.reload_capacity)
 
     def refresh_history(self, layer, q, lse_kept, recompute):
         """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
-        over the evicted tokens it reads back: all of them, or the `pages` pages that the sketch says hold
-        the most of its attention. Only the KV heads with a recomputing query head read anything."""
+        over the evicted tokens it reads back: all of them, or (calidrop_pages.py) the pages that hold the
+        most of its attention. Only the KV heads with a recomputing query head read anything."""
         state = self.layers[layer]
         B, Hq, D = q.shape
         Hkv = state.k.shape[1]
         reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
-        rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
-        if state.pages is None and torch.compiler.is_compiling() and rows.numel() == B * Hkv:
-            # compiled, every token of every pair: attend the store as it lies, no gather
-            k, v = (x.to(q.device) for x in self.store.get(layer))  # (B, Hkv, E, D)
-            lens = state.evicted_len if state.evicted_lens is None else state.evicted_lens[:, None]
-            out, lse = attention_with_lse(q, k, v, None if state.evicted_lens is None else
-                                          (torch.arange(k.shape[2], device=q.device) < lens)[:, None, None])
-            self.reload_tokens[layer] += reload * lens
+        if state.evicted_len == 0:  # nothing evicted (a prompt within this layer's budget): the empty set
+            out, lse = torch.zeros_like(state.hist_out), torch.full_like(state.hist_lse, float("-inf"))
+        elif reads_store_in_place(self, state):
+            out, lse = attend_store(self, layer, q, reload)
         else:
+            rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
             q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
             lens = None if state.evicted_lens is None else state.evicted_lens[rows, None]  # (n, 1)
-            if state.pages is None:
-                tokens, visible = all_pages(q_grouped, state.evicted_len, lens)  # (n, S) each
+            if state.pages is None:  # every evicted token (the paper's rule)
+                tokens = torch.arange(state.evicted_len, device=q.device).expand(len(rows), -1)  # (n, E)
+                visible = torch.ones_like(tokens, dtype=torch.bool) if lens is None else tokens < lens
             else:
-                tokens, visible = top_pages(state.sketch, rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
-                                            recompute.view(B, Hkv, -1)[rows, kv_heads], state.pages,
-                                            self.config.page_size, self.inv_freq, lens)
+                tokens, visible = state.pages.tokens(rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
+                                                     recompute.view(B, Hkv, -1)[rows, kv_heads], lens)
             visible = visible & needed[:, None]
             k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
             out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
@@ -507,21 +502,17 @@ class CaliDropCache:
         fractions = (total / total.sum().clamp(min=1)).tolist()
         return dict(zip(("calibrate", "recompute", "none"), fractions))
 
-    def stored_token_bytes(self, layer):
-        """What one stored token (K and V of one sequence and KV head) of the layer costs in the store."""
-        B, Hkv = self.reloads.shape[1:]
-        return self.store.nbytes(layer) / (B * Hkv * self.layers[layer].evicted_len)
-
     def reloaded_bytes(self, rows=slice(None)):
         """Bytes read back from the offload store so far by the sequences `rows`: the tokens read, at what
-        one stored token costs."""
-        return sum(n * self.stored_token_bytes(i) for i, n in enumerate(self.reload_tokens[:, rows].sum((1, 2)).tolist())
-                   if n)
+        one stored token (K and V of one sequence and KV head) costs in the store."""
+        pairs = self.reloads[0].numel()
+        return sum(n * self.store.nbytes(i) / (pairs * self.layers[i].evicted_len)
+                   for i, n in enumerate(self.reload_tokens[:, rows].sum((1, 2)).tolist()) if n)
 
     def stats(self, n_tokens, rows=slice(None)):
         """Byte counts of the sequences `rows` (a slice; default: all) when the cache holds the K/V of n_tokens tokens
         per sequence (prompt + fed). With left padding the kept, full and offloaded bytes count each sequence's
-        own tokens, as alone; the buffers, the calibration state and the key sketch are what the batch
+        own tokens, as alone; the buffers, the calibration state and the page sketch are what the batch
         allocates, a share per sequence."""
         B, Hkv, _, D = self.layers[0].k.shape
         lengths = torch.full((B,), self.prompt_len) if self.pads is None else self.prompt_len - self.pads.cpu()
@@ -536,14 +527,13 @@ class CaliDropCache:
                 tokens = b * s.evicted_len if s.evicted_lens is None else int(s.evicted_lens.cpu()[rows].sum())
                 offloaded += self.store.nbytes(i) * tokens / (B * s.evicted_len) if tokens else 0
         history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
-        sketches = [s.sketch for s in self.layers if s.sketch is not None]
         steps = max(generated, 1)
         return {
             "kv_bytes_kept": kept * per_token,
             "kv_bytes_full": len(self.layers) * (int(lengths.sum()) + b * generated) * per_token,
             "kv_bytes_offloaded": offloaded,
             "calibration_bytes": sum(t.nbytes for t in history) * b / B,
-            "kv_bytes_selection": sum(s.nbytes for s in sketches) * b / B,  # fast memory that ranks the pages
+            "kv_bytes_selection": sum(s.pages.nbytes for s in self.layers if s.pages) * b / B,  # ranks the pages
             "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers) * b / B,
             "reload_bytes_per_token": self.reloaded_bytes(rows) / steps,  # all sequences `rows`
             "reload_fraction": self.reloads[:, rows].sum().item() / (self.reloads[:, rows].numel() * steps),
@@ -551,197 +541,50 @@ class CaliDropCache:
         }
 
 
-def new_counters(n_layers, batch_heads, like):
-    """counts (layers, B, Hq, 3): each case (calibrate, recompute, none) per query head; reloads (layers,
-    B, Hkv): recomputes that read the KV head's evicted tokens; reload_tokens (layers, B, Hkv): tokens read."""
-    B, Hq = batch_heads
-    Hkv = like.shape[1]
-    zeros = functools.partial(torch.zeros, dtype=torch.long, device=like.device)
-    return zeros(n_layers, B, Hq, 3), zeros(n_layers, B, Hkv), zeros(n_layers, B, Hkv)
+# --------------------------------------------------- 6. beyond the paper: capacity, one compiled graph
+
+def within_capacity(stale, rho, n_kv_heads, capacity):
+    """A reload capacity shared by the batch: of the stale query heads (B, Hq), those of at most `capacity`
+    (sequence, KV head) pairs, the pairs whose stalest query head has the lowest cosine; the rest wait for a
+    later step (their heads do nothing now). It bounds what one layer-step reads, which a compiled step needs."""
+    B, Hq = rho.shape
+    if capacity >= B * n_kv_heads:
+        return stale
+    stalest = rho.masked_fill(~stale, float("inf")).view(B, n_kv_heads, -1).amin(-1).flatten()  # (B x Hkv)
+    allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(0, stalest.topk(capacity, largest=False).indices, True)
+    return stale & allowed.view(B, n_kv_heads).repeat_interleave(Hq // n_kv_heads, 1)
 
 
-# ------------------------------------------------------------------------------- 6. evicted pages
+def reading_pairs(reload, capacity=None):
+    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
 
-class OffloadStore:
-    """Holds each layer's evicted K/V off the fast path: host memory when the model runs on a GPU, pinned,
-    so that a reload copies at the host link's speed (measured on an H100: 47-54 GB/s pinned, 6-7 pageable).
-
-    Tokens are kept in position order per (sequence, KV head); a read takes any tokens of any pairs. Any
-    object with put / read / get / nbytes can replace it (ott.py has quantized ones)."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.k, self.v = {}, {}
-        self.on_gpu = {}  # layer -> CUDA-typed views of its pinned k, v, which the GPU reads itself
-
-    def put(self, layer, k, v):
-        """k, v (B, Hkv, E, D): one layer's evicted tokens."""
-        pin = self.device.type == "cpu" and k.device.type == "cuda"
-        self.k[layer], self.v[layer] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x)
-                                        for x in (k, v))
-        if pin:
-            try:  # offload_gather.py (Triton): the GPU gathers from pinned memory, no host sync in the step
-                import offload_gather
-            except ImportError:  # that file, triton or numpy missing: read_tokens' host gather
-                return
-            self.gpu_read = offload_gather.read_tokens
-            self.on_gpu[layer] = (offload_gather.cuda_view(self.k[layer]), offload_gather.cuda_view(self.v[layer]))
-
-    def read(self, layer, rows, kv_heads, tokens):
-        """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]) -> k, v (n, S, D) on rows' device;
-        only those tokens are read."""
-        if layer in self.on_gpu:
-            return tuple(self.gpu_read(x, rows, kv_heads, tokens) for x in self.on_gpu[layer])
-        return tuple(read_tokens(x[layer], rows, kv_heads, tokens) for x in (self.k, self.v))
-
-    def get(self, layer):
-        """Every evicted token of the layer: k, v (B, Hkv, E, D) (the GPU's views of them, where it has them)."""
-        return self.on_gpu.get(layer) or (self.k[layer], self.v[layer])
-
-    def nbytes(self, layer=None):
-        layers = self.k if layer is None else [layer]
-        return sum(self.k[i].nbytes + self.v[i].nbytes for i in layers)
+    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
+    depend on the decisions, so that the step is one graph with no host sync: every pair in order, or with a
+    capacity, `capacity` pairs of the batch, the reloading ones first; a pair that does not need it has
+    needed False and reads a dummy token."""
+    if not torch.compiler.is_compiling():
+        rows, kv_heads = reload.nonzero(as_tuple=True)
+        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
+    B, Hkv = reload.shape
+    pairs = torch.arange(B * Hkv, device=reload.device)
+    if capacity is not None and capacity < B * Hkv:
+        pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
+    return pairs // Hkv, pairs % Hkv, reload.flatten()[pairs]
 
 
-def read_tokens(x, rows, kv_heads, tokens):
-    """x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D), on rows' device: one gather."""
-    B, Hkv, E, D = x.shape
-    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).to(x.device)  # (n, S) rows of x viewed (-1, D)
-    return x.reshape(-1, D).index_select(0, flat.flatten()).view(*tokens.shape, D).to(rows.device)
+def reads_store_in_place(cache, state):
+    """Compiled, every evicted token of every pair: attend the store as it lies, no gather."""
+    return (state.pages is None and torch.compiler.is_compiling()
+            and (cache.config.reload_capacity or math.inf) >= state.k.shape[0] * state.k.shape[1])
 
 
-def pack(codes, bits):
-    """codes (..., n) uint8 in [0, 2^bits) -> (..., ceil(n * bits / 8)) uint8: 8 // bits codes a byte,
-    the first in the lowest bits. bits 1 packs masks."""
-    per = 8 // bits
-    grouped = F.pad(codes, (0, -codes.shape[-1] % per)).unflatten(-1, (-1, per))
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (grouped << shifts).sum(-1, dtype=torch.uint8)  # the bit fields do not overlap: sum = or
-
-
-def unpack(packed, bits, n):
-    """The inverse of pack: (..., m) uint8 -> the first n codes (..., n) uint8."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]
-
-
-def rotate(x, positions, inv_freq, inverse=False):
-    """RoPE, the rotate-half layout (Llama's in Hugging Face): x (..., E, D) at positions (..., E); with
-    inverse, the rotation back to pre-RoPE vectors (RoPE is orthogonal)."""
-    angles = positions.float()[..., None] * inv_freq  # (..., E, D/2)
-    cos, sin = angles.cos(), angles.sin() * (-1 if inverse else 1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-@dataclass
-class KeySketch:
-    """What ranks one layer's evicted pages, kept in fast memory (ShadowKV's observation: keys before
-    RoPE are low-rank): per (sequence, KV head), the pre-RoPE evicted keys projected on their top `rank`
-    principal directions, each token's coordinates in 4 bits, each page's mean coordinates and position
-    in float32. A key is approximated as RoPE(coords @ basis) at its position, a page as page_size copies
-    of RoPE(mean coords @ basis) at its mean position."""
-    coords: torch.Tensor          # (B, Hkv, E, rank // 2) uint8: 4-bit symmetric codes, two a byte
-    scale: torch.Tensor           # (B, Hkv, 1, rank): one per coordinate, code 8 + c / scale in [1, 15]
-    basis: torch.Tensor           # (B, Hkv, rank, D): orthonormal rows
-    positions: torch.Tensor       # (B, Hkv, E) int32: each evicted token's position (int16 would halve it,
-                                  # but inductor's CPU kernels do not vectorize int16 -> float: 4x slower)
-    page_coords: torch.Tensor     # (B, Hkv, P, rank): the mean coordinates of each page's tokens
-    page_positions: torch.Tensor  # (B, Hkv, P): their mean position
-
-    @property
-    def tensors(self):
-        return [getattr(self, f.name) for f in fields(self)]
-
-    @property
-    def nbytes(self):
-        return sum(t.nbytes for t in self.tensors)
-
-
-def page_counts(E, page_size, device, lens=None):
-    """Tokens in each page of an evicted set of E: (P,), the last page may hold fewer; with lens (..., 1),
-    the first lens tokens only (a left-padded batch: the pads follow them), (..., P)."""
-    P = -(-E // page_size)
-    valid = torch.arange(P * page_size, device=device) < (E if lens is None else lens)
-    return valid.unflatten(-1, (P, page_size)).sum(-1)
-
-
-def page_means(x, page_size, lens=None):
-    """x (..., E, c) -> (..., P, c): the mean over each page of its tokens (page_counts; with lens (..., 1),
-    the tokens past them are zero)."""
-    E = x.shape[-2]
-    count = page_counts(E, page_size, x.device, lens)
-    P = count.shape[-1]
-    return F.pad(x, (0, 0, 0, P * page_size - E)).unflatten(-2, (P, page_size)).sum(-2) / count.clamp(min=1)[..., None]
-
-
-def sketch_keys(k, positions, inv_freq, page_size, lens=None, rank=SKETCH_RANK):
-    """KeySketch of the evicted keys k (B, Hkv, E, D) (post-RoPE) at positions (B, Hkv, E); with lens (B,),
-    each sequence's first lens tokens only (the others are left padding, zeroed: they count nowhere)."""
-    pre = rotate(k, positions, inv_freq, inverse=True).double()
-    if lens is not None:
-        valid = torch.arange(k.shape[2], device=k.device) < lens[:, None, None]  # (B, 1, E)
-        pre, positions, lens = pre * valid[..., None], positions * valid, lens[:, None, None]
-    _, vectors = torch.linalg.eigh(pre.transpose(-1, -2) @ pre)  # ascending eigenvalues of the Gram matrix
-    basis = vectors.flip(-1)[..., :rank].transpose(-1, -2)  # (B, Hkv, r, D): the top principal directions
-    coords = (pre @ basis.transpose(-1, -2)).float()  # (B, Hkv, E, r)
-    scale = coords.abs().amax(-2, keepdim=True).clamp(min=1e-30) / 7
-    codes = (coords / scale).round().clamp(-7, 7).to(torch.uint8) + 8
-    return KeySketch(pack(codes, 4), scale, basis.float(), positions.to(torch.int32),
-                     page_means(coords, page_size, lens), page_means(positions.float()[..., None], page_size, lens)[..., 0])
-
-
-def all_pages(q_grouped, evicted_len, lens=None):
-    """A dense recompute: every evicted token (with lens (n, 1), each pair's first lens). -> tokens (n, E),
-    visible (n, E)."""
-    tokens = torch.arange(evicted_len, device=q_grouped.device).expand(q_grouped.shape[0], -1)
-    return tokens, torch.ones_like(tokens, dtype=torch.bool) if lens is None else tokens < lens
-
-
-def page_tokens(pages, page_size, evicted_len, lens=None):
-    """pages (n, M) -> their tokens (n, M x page_size), clamped to the evicted set, and visible (same
-    shape): False on the last page's empty slots (with lens (n, 1): past each pair's first lens tokens)."""
-    tokens = (pages[..., None] * page_size + torch.arange(page_size, device=pages.device)).flatten(1)
-    return tokens.clamp(max=evicted_len - 1), tokens < (evicted_len if lens is None else lens)
-
-
-def page_weights(page_lse, lse_kept, heads):
-    """(n, P): each page's estimated share of each recomputing head's whole attention (kept + the pages
-    scored), summed over the heads. page_lse (n, G, P) estimated log-mass; lse_kept, heads (n, G)."""
-    total = torch.logaddexp(lse_kept, page_lse.logsumexp(-1))  # (n, G)
-    return (torch.exp(page_lse - total[..., None]) * heads[..., None]).sum(1)
-
-
-def shortlist_size(n_pages, P):
-    """Pages the token-by-token pass ranks to read n_pages: 4 x n_pages up to 12 read, then 36 more than read
-    (the coarse pass errs at its margin, which does not grow with the read)."""
-    return min(n_pages + 3 * min(n_pages, AUTO_PAGES), P)
-
-
-def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_size, inv_freq, lens=None):
-    """The n_pages pages of page_size evicted tokens that hold the most estimated attention, per pair
-    (rows[i], kv_heads[i]), in two passes so that the cost does not grow with the evicted set: every page
-    by its mean key, then the tokens of the shortlist_size best pages one by one.
-
-    q_grouped (n, G, D): the query heads of each pair's KV head; lse_kept (n, G): each head's lse over the
-    kept cache; heads (n, G): the heads that recompute; lens (n, 1): a left-padded batch's evicted tokens
-    per pair (None: all). -> tokens (n, n_pages x page_size) and visible, as
-    page_tokens gives them, the pages in no particular order (attention does not care)."""
-    D = q_grouped.shape[-1]
-    q = q_grouped.float() / math.sqrt(D)
-    basis, positions = sketch.basis[rows, kv_heads], sketch.positions[rows, kv_heads]  # (n, r, D), (n, E)
-    E, P = positions.shape[1], sketch.page_positions.shape[-1]
-    mean_keys = rotate(sketch.page_coords[rows, kv_heads] @ basis, sketch.page_positions[rows, kv_heads], inv_freq)
-    count = page_counts(E, page_size, q.device, lens)  # (P,) or (n, P): 0 for a padded pair's empty pages
-    coarse = q @ mean_keys.transpose(-1, -2) + count.log().unsqueeze(-2)  # (n, G, P): estimated log-mass of each page
-    shortlist = page_weights(coarse, lse_kept, heads).topk(shortlist_size(n_pages, P), dim=-1).indices  # (n, M)
-
-    tokens, visible = page_tokens(shortlist, page_size, E, lens)  # (n, M x page_size)
-    scale = sketch.scale[rows, kv_heads]  # (n, 1, r)
-    codes = sketch.coords[rows, kv_heads].gather(1, tokens[..., None].expand(-1, -1, sketch.coords.shape[-1]))
-    coords = (unpack(codes, 4, scale.shape[-1]).float() - 8) * scale  # (n, M x page_size, r)
-    keys = rotate(coords @ basis, positions.gather(1, tokens), inv_freq)
-    logits = (q @ keys.transpose(-1, -2)).masked_fill(~visible[:, None], float("-inf"))
-    fine = logits.unflatten(-1, (-1, page_size)).logsumexp(-1)  # (n, G, M): the shortlist, token by token
-    best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), dim=-1).indices  # (n, N) of the M
-    return page_tokens(shortlist.gather(1, best), page_size, E, lens)
+def attend_store(cache, layer, q, reload):
+    """(out, lse) of q over every evicted token of every pair (its own, with left padding), the store as it
+    lies; the tokens of the pairs in reload count as read."""
+    state = cache.layers[layer]
+    k, v = (x.to(q.device) for x in cache.store.get(layer))  # (B, Hkv, E, D)
+    lens = state.evicted_len if state.evicted_lens is None else state.evicted_lens[:, None]
+    out, lse = attention_with_lse(q, k, v, None if state.evicted_lens is None else
+                                  (torch.arange(k.shape[2], device=q.device) < lens)[:, None, None])
+    cache.reload_tokens[layer] += reload * lens
+    return out, lse

@@ -1,8 +1,10 @@
 """What the command-line tools (generate.py, evaluate.py, bench.py) share: user errors and logging, the
 device and dtype, the checkpoint and its tokenizer, the KJV text, and the byte counts of a cache."""
 import argparse
+import dataclasses
 import importlib.metadata
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +66,28 @@ def add_reload_args(parser, pages_help="pages of evicted tokens a recompute read
     parser.add_argument("--reload-capacity", type=count_or_all, default=config.reload_capacity,
                         help="(sequence, KV head) pairs per layer-step that may recompute, shared by the batch, "
                              "or all (default)")
+
+
+def checked_config(**settings):
+    """A CaliDropConfig from a command line's settings; its complaints in the command line's names (budget ->
+    --budget, calibration_size -> --calibration-size) as a UsageError."""
+    try:
+        return calidrop.CaliDropConfig(**settings)
+    except ValueError as e:
+        flags = [f.name for f in dataclasses.fields(calidrop.CaliDropConfig) if f.name not in ("method", "calibration", "pool_kernel")]
+        raise UsageError(re.sub(r"\b(" + "|".join(flags) + r")\b", lambda m: "--" + m[1].replace("_", "-"), str(e)))
+
+
+def offload_store(device):
+    """Where CaliDrop keeps the evicted K/V: the compute's memory on a CPU; on a GPU pinned host memory, which
+    the GPU reads itself where offload_gather.py imports (triton and numpy installed)."""
+    if device.type != "cuda":
+        return calidrop.OffloadStore(device)
+    try:
+        import offload_gather
+    except ImportError:
+        return calidrop.OffloadStore("cpu")
+    return offload_gather.DeviceReadStore("cpu")
 
 
 def resolve_device(device_name, dtype_name):

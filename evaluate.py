@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 import calidrop
-from common import CKPT_HELP, TextCodec, UsageError, add_reload_args, log, resolve_checkpoint, resolve_device, run_cli
+from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, checked_config, log, resolve_checkpoint,
+                    resolve_device, run_cli)
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
@@ -131,12 +132,9 @@ def check_args(args):
         raise UsageError("--prompts must be >= 1")
     for method in args.methods:
         for budget in args.budgets:
-            try:
-                calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
-                                        theta1=args.theta1, theta2=args.theta2, page_size=args.page_size,
-                                        reload_pages=args.reload_pages, reload_capacity=args.reload_capacity).check()
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+            checked_config(method=method, budget=budget, window=args.window, sink=args.sink, theta1=args.theta1,
+                           theta2=args.theta2, page_size=args.page_size, reload_pages=args.reload_pages,
+                           reload_capacity=args.reload_capacity)
     if args.text_file and not Path(args.text_file).is_file():
         raise UsageError(f"text file not found: {args.text_file}")
     device, dtype = resolve_device(args.device, args.dtype)

@@ -17,22 +17,21 @@ import torch
 import calidrop
 import ott
 from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, bytes_read_per_token, cache_stats,
-                    compiled_graphs, log, resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
+                    checked_config, compiled_graphs, log, offload_store, resolve_checkpoint, resolve_device, run_cli,
+                    synchronize, weight_bytes)
 from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
 # -------------------------------------------------------------------------------- caches, sampling
 
 def make_config(args) -> calidrop.CaliDropConfig:
-    """The CaliDrop settings of the command line. The OTT store reads a whole layer (its groups and outlier
-    pools span it), so with --offload-quant ott a recompute reads every page."""
-    config = calidrop.CaliDropConfig(
+    """The CaliDrop settings of the command line (a UsageError if they are wrong). The OTT store reads a whole
+    layer (its groups and outlier pools span it), so with --offload-quant ott a recompute reads every page."""
+    return checked_config(
         method=args.method, budget=args.budget, window=args.window, sink=args.sink, theta1=args.theta1,
         theta2=args.theta2, calibration=not args.no_calibration, calibration_size=args.calibration_size,
         page_size=args.page_size, reload_pages=None if args.offload_quant == "ott" else args.reload_pages,
         reload_capacity=args.reload_capacity)
-    config.check()
-    return config
 
 
 def make_store(args, device):
@@ -42,7 +41,7 @@ def make_store(args, device):
         return ott.Int8Store(host)
     if args.offload_quant == "ott":
         return ott.OTTStore(host, bits=args.kv_bits, group=args.group, outliers=args.outliers)
-    return calidrop.OffloadStore(host)
+    return offload_store(device)
 
 
 def prefill_and_compress(model, tokens, config, max_new_tokens, store=None, pads=None):
@@ -144,10 +143,7 @@ def check_args(args):
         raise UsageError("--top-k must be >= 1 (leave it out to sample from every token)")
     device, dtype = resolve_device(args.device, args.dtype)
     if args.method != "full":
-        try:
-            make_config(args)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        make_config(args)
     check_quantization(args)
     return device, dtype
 

@@ -1,10 +1,11 @@
 """The GPU reads the offload store itself: a gather of rows of a pinned host tensor by a Triton kernel.
 
-calidrop.OffloadStore keeps the evicted K/V in pinned host memory when the model runs on a GPU. Without
-this file a recompute moves its token indices to the host (the step waits for the GPU queue to drain),
-gathers there and copies the rows back: a host sync per layer, so the step cannot be one CUDA graph. With
-it, the GPU gathers the rows over the host link itself (unified addressing: device code can load pinned
-host memory), with indices that never leave the device; the step has no host sync and can be captured.
+calidrop.OffloadStore keeps the evicted K/V in pinned host memory when the model runs on a GPU, and a
+recompute moves its token indices to the host (the step waits for the GPU queue to drain), gathers there
+and copies the rows back: a host sync per layer, so the step cannot be one CUDA graph. `DeviceReadStore`,
+the same store, lets the GPU gather the rows over the host link itself (unified addressing: device code
+can load pinned host memory), with indices that never leave the device; the step has no host sync and can
+be captured.
 
 How the store reaches the kernel: a CUDA-typed view of the pinned tensor (`cuda_view`), not its address
 as an int. Pinned memory from `pin_memory()` comes from cudaHostAlloc, whose device address is the host
@@ -27,7 +28,7 @@ tokens, 16 x D values in a row), so they are not sorted here. Not tuned on a GPU
 Tests run the kernel on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, needs numpy), where it
 must equal a torch gather bit for bit; on CPU tensors without the interpreter the op is a torch gather.
 Needs triton and numpy (torch's `__cuda_array_interface__` reader uses numpy): importing this file
-raises ImportError where either is missing, and calidrop.py then keeps its host gather.
+raises ImportError where either is missing (`store(device)` then gives calidrop.OffloadStore).
 """
 import os
 
@@ -35,6 +36,8 @@ import numpy  # noqa: F401  (torch.as_tensor reads __cuda_array_interface__ thro
 import torch
 import triton
 import triton.language as tl
+
+import calidrop
 
 BLOCK_ROWS = 8  # rows per program: small, so that many programs (and loads) are in flight
 
@@ -117,3 +120,25 @@ def cuda_view(pinned):
         raise RuntimeError("cuda_view: torch copied the pinned memory instead of viewing it")
     torch._dynamo.mark_static_address(view)  # unguarded: a new store re-records the graph, never copied
     return view
+
+
+class DeviceReadStore(calidrop.OffloadStore):
+    """calidrop.OffloadStore whose pinned host tensors the GPU reads itself, through CUDA-typed views of them
+    (a store in the compute's memory, as on a CPU, reads as calidrop's does)."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.on_gpu = {}  # layer -> the CUDA views of its pinned k, v
+
+    def put(self, layer, k, v):
+        super().put(layer, k, v)
+        if self.k[layer].is_pinned():  # (pinning 0 bytes gives no pointer to view: an empty set stays on the host)
+            self.on_gpu[layer] = (cuda_view(self.k[layer]), cuda_view(self.v[layer]))
+
+    def read(self, layer, rows, kv_heads, tokens):
+        if layer not in self.on_gpu:
+            return super().read(layer, rows, kv_heads, tokens)
+        return tuple(read_tokens(x, rows, kv_heads, tokens) for x in self.on_gpu[layer])
+
+    def get(self, layer):
+        return self.on_gpu.get(layer) or super().get(layer)

@@ -1,7 +1,8 @@
 """OTT: KV-cache quantization with outlier token tracing (Su et al., ACL 2025, arXiv 2505.10938).
 
 The same group's alternative to eviction, and the storage format of CaliDrop's offloaded evicted K/V.
-One file, torch only (plus calidrop.py for the (out, lse) merge), to read top to bottom:
+One file, torch only (plus calidrop.py for the (out, lse) merge and calidrop_pages.py's bit packing), to
+read top to bottom:
   1. asymmetric uniform quantization to 2, 4 or 8 bits (16: none), codes packed into bytes
   2. the outlier rule: the tokens of smallest key L2 norm stay in full precision
   3. one layer's quantized tokens: groups of G, the outlier pool, the overflow buffer
@@ -17,14 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import calidrop
+from calidrop_pages import pack, unpack  # codes packed into bytes, shared with CaliDrop's key sketch
 
 BITS = (2, 4, 8, 16)  # 16: no quantization (the exactness path)
 
 
 # ------------------------------------------------------------------------ 1. quantize, pack, dequantize
-
-pack, unpack = calidrop.pack, calidrop.unpack  # codes packed into bytes, shared with CaliDrop's key sketch
-
 
 @dataclass
 class Quantized:

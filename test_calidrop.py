@@ -385,7 +385,7 @@ def test_cache_holds_what_it_counts(model, method, theta1):
     assert recorder.layers[0].window_q.shape[2] > 1  # a view of it would hold more than one query
     stored = held_tensors(cache.store)
     # not the counters, nor the model's RoPE frequencies that the cache refers to
-    floats = [t for t in held_tensors(cache, {id(cache.store), id(cache.inv_freq)}) if t.is_floating_point()]
+    floats = [t for t in held_tensors(cache, {id(cache.store), id(model.inv_freq)}) if t.is_floating_point()]
     kv = N_LAYERS * 2 * B * HKV * (budget + n) * D * FP32  # pyramidkv: per-layer budgets, the same sum
     calibration = N_LAYERS * B * HQ * (2 * D + 1) * FP32  # hist_q, hist_out (B, Hq, D); hist_lse (B, Hq)
     evicted = N_LAYERS * 2 * B * HKV * (L - budget) * D * FP32 if theta1 > -1 else 0

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import calidrop
+import calidrop_pages
 from conftest import cfg, random_tokens
 
 pytest.importorskip("numpy", reason="Triton's interpreter and torch's __cuda_array_interface__ reader need numpy")
@@ -39,7 +40,7 @@ def test_read_tokens_equals_calidrop(interpreter):
     x = torch.randn(2, 3, 53, 16, generator=g).to(torch.bfloat16)
     rows, kv_heads = torch.tensor([1, 0, 1, 0]), torch.tensor([2, 2, 0, 1])
     pages = torch.randint(0, 4, (4, 3), generator=g)  # pages of 16 tokens, the last one partial
-    tokens, visible = calidrop.page_tokens(pages, 16, 53)
+    tokens, visible = calidrop_pages.page_tokens(pages, 16, 53)
     assert torch.equal(offload_gather.read_tokens(x, rows, kv_heads, tokens * visible),
                        calidrop.read_tokens(x, rows, kv_heads, tokens * visible))
 
@@ -66,7 +67,7 @@ def test_without_the_interpreter_the_op_is_a_torch_gather(monkeypatch):
 
 def test_a_cpu_store_does_not_read_on_a_gpu():
     """On CPU the store stays as it was: no views, read_tokens' gather."""
-    store = calidrop.OffloadStore("cpu")
+    store = offload_gather.DeviceReadStore("cpu")
     store.put(0, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
     assert not store.on_gpu and not store.k[0].is_pinned()
 
@@ -88,9 +89,11 @@ def test_the_recomputing_step_traces_whole_through_the_op(tiny_ckpt, interpreter
             _, cache = prefill_and_compress(model, tokens[:, :L], config, n)
             step = decode_one_token
             if mode == "op":
-                store = cache.store
-                store.on_gpu = {i: (store.k[i], store.v[i]) for i in store.k}
-                store.gpu_read = offload_gather.read_tokens
+                store = offload_gather.DeviceReadStore("cpu")
+                for i in cache.store.k:
+                    store.put(i, cache.store.k[i], cache.store.v[i])
+                store.on_gpu = {i: (store.k[i], store.v[i]) for i in store.k}  # as on a GPU: read through the op
+                cache.store = store
                 step = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True, dynamic=False)
             logits[mode] = torch.stack([step(model, tokens[:, t:t + 1], torch.tensor([t]), cache)
                                         for t in range(L, L + n)], 1)
@@ -129,7 +132,7 @@ def test_cuda_graph_step_reads_the_store_on_the_device(tiny_ckpt, dtype):
     logits = {}
     with torch.inference_mode():
         for mode in ("eager", "compile"):
-            store = calidrop.OffloadStore("cpu")
+            store = offload_gather.DeviceReadStore("cpu")
             first, cache = prefill_and_compress(model, tokens[:, :L], config, n, store)
             assert store.k[0].is_pinned() and store.on_gpu  # the device read is on
             if mode == "eager":

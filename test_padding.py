@@ -83,7 +83,7 @@ def test_pages_are_ranked_in_the_batch(model, inference_mode):
     prompts = [random_tokens(1, n, seed=n)[0] for n in LENGTHS]
     tokens, pads = left_padded(prompts)
     _, cache = run(model, tokens, random_tokens(len(LENGTHS), N_NEW, seed=99), config, pads)
-    assert all(layer.pages == 2 for layer in cache.layers)
+    assert all(layer.pages.pages == 2 for layer in cache.layers)
     assert [int(n) for n in cache.layers[0].evicted_lens] == [n - 16 for n in LENGTHS[:3]] + [0]
     reloads, read = cache.reloads[:, 0].sum(), cache.reload_tokens[:, 0].sum()
     assert reloads > 0 and read == reloads * 2 * 4  # 2 pages of 4 tokens, each time

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import calidrop
+import calidrop_pages
 import generate
 from conftest import cfg, query_at_cosine, random_tokens, teacher_force
 from model import decode_one_token, load_model
@@ -31,7 +32,7 @@ def model(tiny_ckpt):
 
 
 def rope(x, positions, theta=10000.0):
-    """RoPE written out pair by pair (channel i with i + D/2), independently of calidrop.rotate."""
+    """RoPE written out pair by pair (channel i with i + D/2), independently of calidrop_pages.rotate."""
     d = x.shape[-1]
     out = x.clone()
     for i in range(d // 2):
@@ -62,11 +63,11 @@ def top(weights, k, among=None):
 
 
 def naive_top_pages(sketch, b, h, q, lse_kept, heads, n_pages, page_size):
-    """calidrop.top_pages for one pair, from the sketch's tensors with plain loops and this file's rope:
+    """calidrop_pages.top_pages for one pair, from the sketch's tensors with plain loops and this file's rope:
     every page by its mean key (page_size copies), then the 4 x n_pages best token by token."""
     d = q.shape[-1]
     basis = sketch.basis[b, h].double()
-    coords = (calidrop.unpack(sketch.coords[b, h], 4, basis.shape[0]).double() - 8) * sketch.scale[b, h, 0].double()
+    coords = (calidrop_pages.unpack(sketch.coords[b, h], 4, basis.shape[0]).double() - 8) * sketch.scale[b, h, 0].double()
     positions = sketch.positions[b, h]
     E = len(positions)
     pages = [list(range(s, min(s + page_size, E))) for s in range(0, E, page_size)]
@@ -87,12 +88,12 @@ def test_key_sketch_recovers_low_rank_pre_rope_keys():
     pre = torch.randn(B, H, E, r, generator=g) @ torch.randn(B, H, r, d, generator=g)  # rank 4 before RoPE
     positions = torch.stack([torch.randperm(300, generator=g)[:E].sort().values for _ in range(B * H)]).view(B, H, E)
     inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
-    sketch = calidrop.sketch_keys(rope(pre, positions), positions, inv_freq, page_size, rank=r)
+    sketch = calidrop_pages.sketch_keys(rope(pre, positions), positions, inv_freq, page_size, rank=r)
     basis = sketch.basis.double()
     assert torch.allclose(basis @ basis.transpose(-1, -2), torch.eye(r, dtype=torch.float64), atol=1e-6)
     exact = pre.double() @ basis.transpose(-1, -2)  # the keys' true coordinates: they span the basis
     assert torch.allclose(exact @ basis, pre.double(), atol=1e-4)
-    coords = (calidrop.unpack(sketch.coords, 4, r).double() - 8) * sketch.scale.double()
+    coords = (calidrop_pages.unpack(sketch.coords, 4, r).double() - 8) * sketch.scale.double()
     assert ((coords - exact).abs() <= sketch.scale / 2 + 1e-5).all()  # half a 4-bit step at most
     assert (coords - exact).abs().mean() > 1e-3  # and they really are 4 bits
     for p, s in enumerate(range(0, E, page_size)):  # each page's mean coordinates and position, unrounded
@@ -109,11 +110,11 @@ def test_top_pages_matches_a_naive_two_pass_ranking():
     keys = torch.randn(B, H, E, d, generator=g)
     positions = torch.stack([torch.randperm(400, generator=g)[:E].sort().values for _ in range(H)])[None]
     inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
-    sketch = calidrop.sketch_keys(keys, positions, inv_freq, page_size, rank=8)
+    sketch = calidrop_pages.sketch_keys(keys, positions, inv_freq, page_size, rank=8)
     rows, kv_heads = torch.zeros(H, dtype=torch.long), torch.arange(H)
     q, lse_kept = torch.randn(H, G, d, generator=g) * 2, torch.randn(H, G, generator=g) + 3
     heads = torch.tensor([[True, True], [True, False], [False, True]])
-    tokens, visible = calidrop.top_pages(sketch, rows, kv_heads, q, lse_kept, heads, n_pages, page_size, inv_freq)
+    tokens, visible = calidrop_pages.top_pages(sketch, rows, kv_heads, q, lse_kept, heads, n_pages, page_size, inv_freq)
     for i in range(H):
         pages = naive_top_pages(sketch, 0, i, q[i], lse_kept[i].tolist(), heads[i].tolist(), n_pages, page_size)
         expected = [t for p in pages for t in range(p * page_size, (p + 1) * page_size)]
@@ -149,7 +150,7 @@ def test_paged_recompute_attends_exactly_the_pages_it_reads(model):
                             and torch.allclose(scores.logsumexp(-1), state.hist_lse[b, heads].double(), atol=1e-5)):
                         matches.append(pages)
                 assert len(matches) == 1, (layer, b, h, matches)
-                chosen = naive_top_pages(state.sketch, b, h, q, lse_kept[layer][b, heads].tolist(),
+                chosen = naive_top_pages(state.pages.sketch, b, h, q, lse_kept[layer][b, heads].tolist(),
                                          [True] * (HQ // HKV), n_pages, page_size)
                 assert tuple(chosen) == matches[0]
     assert (cache.reload_tokens == n_pages * page_size).all()  # one recompute per pair, its pages' tokens
@@ -254,13 +255,13 @@ def test_auto_pages_follow_the_evicted_set():
     last = 0
     for E in range(1, 20000, 37):
         P = -(-E // 16)
-        n = calidrop.pages_to_read(config, E, 3, 64, offloaded=True)
+        n = calidrop_pages.pages_to_read(config, E, 3, 64, offloaded=True)
         expected = max(12, math.ceil(P / 16))
         assert n == (expected if expected < P else None)
         pages = P if n is None else n
         assert pages >= last
         last = pages
-    assert calidrop.pages_to_read(config, 16128, 7, 64, offloaded=True) == 63  # Qwen at 16k, budget 256
+    assert calidrop_pages.pages_to_read(config, 16128, 7, 64, offloaded=True) == 63  # Qwen at 16k, budget 256
 
 
 def test_read_all_switch_is_the_stated_cost_rule():
@@ -272,16 +273,16 @@ def test_read_all_switch_is_the_stated_cost_rule():
         for E in range(200, 12000, 53):
             n = max(12, math.ceil(-(-E // 16) / 16))
             dense = E * 2 * G * d <= ranking_cost(E, G, d, 16, n)
-            assert calidrop.pages_to_read(config, E, G, d, offloaded=False) == (None if dense else n)
+            assert calidrop_pages.pages_to_read(config, E, G, d, offloaded=False) == (None if dense else n)
             switched.setdefault((G, d), []).append(dense)
-            assert calidrop.pages_to_read(calidrop.CaliDropConfig(reload_pages=12), E, G, d, offloaded=False) == 12
-            assert calidrop.pages_to_read(calidrop.CaliDropConfig(theta1=1.5), E, G, d, offloaded=False) is None
+            assert calidrop_pages.pages_to_read(calidrop.CaliDropConfig(reload_pages=12), E, G, d, offloaded=False) == 12
+            assert calidrop_pages.pages_to_read(calidrop.CaliDropConfig(theta1=1.5), E, G, d, offloaded=False) is None
     for flags in switched.values():  # one crossover: short evicted sets read everything, long ones rank
         assert flags[0] and not flags[-1] and flags == sorted(flags, reverse=True)
     # the default model's shape (3 query heads per KV head, head_dim 64): 1.5k at budget 256 reads every
     # token, 8k ranks 31 pages
-    assert calidrop.pages_to_read(config, 1536 - 256, 3, 64, offloaded=False) is None
-    assert calidrop.pages_to_read(config, 8064 - 256, 3, 64, offloaded=False) == 31
+    assert calidrop_pages.pages_to_read(config, 1536 - 256, 3, 64, offloaded=False) is None
+    assert calidrop_pages.pages_to_read(config, 8064 - 256, 3, 64, offloaded=False) == 31
 
 
 def test_auto_that_reads_everything_is_the_dense_recompute(model):
@@ -292,7 +293,7 @@ def test_auto_that_reads_everything_is_the_dense_recompute(model):
     for pages in (None, "auto"):
         first, cache = generate.prefill_and_compress(model, tokens[:, :L], cfg("snapkv", theta1=0.0, theta2=0.2,
                                                                               page_size=4, reload_pages=pages), 8)
-        assert all(s.pages is None and s.sketch is None for s in cache.layers)
+        assert all(s.pages is None for s in cache.layers)
         logits[pages] = torch.cat([first[:, None], teacher_force(model, cache, tokens, L)], 1)
     assert torch.equal(logits[None], logits["auto"])
 

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import calidrop  # noqa: E402
+import calidrop_pages  # noqa: E402
 from common import TextCodec, kjv_text, resolve_checkpoint  # noqa: E402
 from conftest import TINY, write_checkpoint  # noqa: E402
 from model import FullCache, ModelArgs, decode_one_token, load_model, prefill, rope_inv_freq  # noqa: E402
@@ -18,6 +19,7 @@ from model import FullCache, ModelArgs, decode_one_token, load_model, prefill, r
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "examples"))
 import transformers_calidrop as tc  # noqa: E402
+import transformers_generate  # noqa: E402
 
 N_NEW = 32
 # the default page-sparse recompute: 512 - 64 = 448 evicted tokens per KV head are 28 pages of 16, of which a
@@ -89,7 +91,7 @@ def test_compressed_greedy_tokens_and_decisions_equal_generate_py(smol, one_thre
         assert torch.equal(cache.reload_tokens, reference.reload_tokens), name
         if CONFIGS[name].calibration:  # both cases happen, and every reload reads 12 pages of 16 of the 448
             assert cache.counts[..., 0].sum() > 0 and cache.counts[..., 1].sum() > 0, name
-            assert all(layer.sketch is not None and layer.evicted_len == 448 for layer in cache.layers), name
+            assert all(layer.pages is not None and layer.evicted_len == 448 for layer in cache.layers), name
             assert cache.reloads.sum() > 0 and torch.equal(cache.reload_tokens, 12 * 16 * cache.reloads), name
 
 
@@ -142,7 +144,7 @@ def test_rope_frequencies_undo_the_models_rotation(rope):
     inv_freq = tc.rope_inv_freq(model, SMALL["head_dim"])
     keys = full.keys_values()[0][1]  # (1, Hkv, 100, D)
     pre = recorded["pre"].view(1, 100, SMALL["num_key_value_heads"], SMALL["head_dim"]).transpose(1, 2)
-    unrotated = calidrop.rotate(keys, torch.arange(100).expand(keys.shape[:3]), inv_freq, inverse=True)
+    unrotated = calidrop_pages.rotate(keys, torch.arange(100).expand(keys.shape[:3]), inv_freq, inverse=True)
     factor = model.model.rotary_emb.attention_scaling
     assert (factor == 1) == (rope != "yarn")
     torch.testing.assert_close(unrotated, factor * pre, rtol=0, atol=1e-5)
@@ -355,7 +357,7 @@ def test_generate_padded_rows_equal_lone_runs(tmp_path, arch, one_thread):
             assert counts[0] > 0 and counts[1] > 0, name
             if config.reload_pages is not None:  # ranked: each recompute reads 2 pages of 4 (the 45-token row's
                 # last page of its 21 evicted tokens holds 1)
-                assert all(layer.pages == 2 for layer in batch.kv.layers) and batch.kv.reloads.sum() > 0, name
+                assert all(layer.pages.pages == 2 for layer in batch.kv.layers) and batch.kv.reloads.sum() > 0, name
                 assert torch.equal(batch.kv.reload_tokens[:, 0], 8 * batch.kv.reloads[:, 0]), name
                 assert (batch.kv.reload_tokens[:, 1] <= 8 * batch.kv.reloads[:, 1]).all(), name
 
@@ -427,8 +429,7 @@ def test_generate_streams_and_stops_as_transformers_does(tmp_path, one_thread):
 def test_generate_refuses_what_the_cache_cannot_serve(tmp_path, one_thread):
     """One ValueError each: a model without calidrop attention, a mask that is not left padding (right
     padding, a hole, a hole after the first token, which position_ids alone would take for left padding, an
-    empty row), beam search, a second generate() on a used cache, more new tokens than the cache has room for,
-    and calidrop attention without the cache."""
+    empty row), beam search, a second generate() on a used cache, and calidrop attention without the cache."""
     oracle, model = load_pair("Llama", tmp_path / "l")
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3))
     config = calidrop.CaliDropConfig(budget=24, window=8)
@@ -445,10 +446,33 @@ def test_generate_refuses_what_the_cache_cannot_serve(tmp_path, one_thread):
     hf_generate(model, tokens, cache, max_new_tokens=8)
     with pytest.raises(ValueError, match=r"serves one generate\(\) call"):
         hf_generate(model, tokens, cache, max_new_tokens=8)
-    with pytest.raises(ValueError, match="room for max_new_tokens=4"):
-        hf_generate(model, tokens, tc.GenerationCache(model, config, 4), max_new_tokens=8, eos_token_id=None)
     with pytest.raises(ValueError, match="needs a CaliDrop cache"):
         hf_generate(model, tokens, max_new_tokens=8)
+
+
+def test_generation_cache_makes_room_as_tokens_come(tmp_path, one_thread):
+    """generate() tells a cache it is handed nothing of its max_new_tokens: a GenerationCache that made room
+    for 3 new tokens (or the default) grows, and gives the tokens, decisions and reads of one made with room
+    for all 20, for the full cache, recompute at every step, and the default rule (the growth copies the kept
+    buffers: the slots, the masks of a left-padded batch and the history carry over)."""
+    oracle, model = load_pair("Llama", tmp_path / "l")
+    prompts = [torch.randint(0, SMALL["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)) for n in (70, 50)]
+    tokens, mask, _ = left_padded(prompts)
+    for config in (None, calidrop.CaliDropConfig(budget=24, window=8, theta1=2.0),
+                   calidrop.CaliDropConfig(budget=24, window=8, theta1=0.3, theta2=0.6)):
+        runs = []
+        for room in (20, 3, None):
+            cache = tc.GenerationCache(model, config) if room is None else tc.GenerationCache(model, config, room)
+            runs.append((hf_generate(model, tokens, cache, mask, max_new_tokens=20, eos_token_id=None), cache.kv))
+        (want, reference), grown = runs[0], runs[1:]
+        assert want.shape[1] == 20
+        if config is None or config.exact:
+            assert torch.equal(want, hf_generate(oracle, tokens, attention_mask=mask, max_new_tokens=20, eos_token_id=None))
+        for got, kv in grown:
+            assert torch.equal(got, want)
+            if config is not None:
+                assert torch.equal(kv.counts, reference.counts) and torch.equal(kv.reload_tokens, reference.reload_tokens)
+    assert grown[0][1].layers[0].k.shape[2] >= 24 + 19 > 24 + 3  # it really grew
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
@@ -462,7 +486,7 @@ def test_cli_stats_equal_generate_py(tiny_ckpt, tmp_path):
     """The same flags through both CLIs on the tiny Llama: the same text and the same stats, timings aside. The 64
     evicted tokens are 8 pages of 8, of which a recompute reads 2."""
     stats = []
-    for script in ("examples/transformers_calidrop.py", "generate.py"):
+    for script in ("examples/transformers_generate.py", "generate.py"):
         out = tmp_path / f"{Path(script).stem}.json"
         result = run_cli(script, "--ckpt", tiny_ckpt, "--prompt", "the quick brown fox jumps over the lazy dog " * 2,
                          "--method", "h2o", "--budget", 24, "--window", 8, "--max-new-tokens", 12,
@@ -484,7 +508,7 @@ def test_cli_several_prompts_equal_generate_py(tiny_ckpt, tmp_path):
     each, the same texts and the same batch and per-sequence stats (byte counts, decisions), timings aside."""
     prompts = ["the quick brown fox jumps over the lazy dog " * 2, "judge my vow", "pack my box with five dozen liquor jugs"]
     stats = []
-    for script in ("examples/transformers_calidrop.py", "generate.py"):
+    for script in ("examples/transformers_generate.py", "generate.py"):
         out = tmp_path / f"{Path(script).stem}.json"
         result = run_cli(script, "--ckpt", tiny_ckpt, *[x for p in prompts for x in ("--prompt", p)], "--budget", 24,
                          "--window", 8, "--theta1", 0.3, "--theta2", 0.6, "--max-new-tokens", 8, "--page-size", 4,
@@ -531,7 +555,7 @@ def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, tmp_path, capsys):
     args, message = BAD_INPUTS[case]
     args = [a.format(tmp=tmp_path, ckpt=tiny_ckpt, no_tok=no_tok, unknown=unknown, sliding=sliding) for a in args]
     with pytest.raises(SystemExit) as exit_:
-        tc.main(args)
+        transformers_generate.main(args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith("error:") and message in err

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 import calidrop
-from common import UsageError, cache_stats, synchronize
+from common import cache_stats, checked_config, offload_store, synchronize
 from model import FullCache, decode_one_token, prefill
 
 
@@ -40,16 +40,10 @@ def make_variants(args, n_kv_heads):
             name, rule = (f"{method} calidrop {args.theta1:g}/{args.theta2:g}",
                           dict(theta1=args.theta1, theta2=args.theta2, reload_capacity=args.reload_capacity))
         variants += [
-            Variant(f"{method} evict", calidrop.CaliDropConfig(**base, calibration=False)),
-            Variant(f"{method} calidrop -1", calidrop.CaliDropConfig(**base, theta1=-1.0, theta2=args.theta2)),
-            Variant(name, calidrop.CaliDropConfig(**base, **rule)),
+            Variant(f"{method} evict", checked_config(**base, calibration=False)),
+            Variant(f"{method} calidrop -1", checked_config(**base, theta1=-1.0, theta2=args.theta2)),
+            Variant(name, checked_config(**base, **rule)),
         ]
-    for v in variants:
-        if v.config is not None:
-            try:
-                v.config.check()
-            except ValueError as e:
-                raise UsageError(str(e)) from None
     return variants
 
 
@@ -90,7 +84,7 @@ def cache_tensors(cache):
         return {"kv": [*cache.k, *cache.v], "offloaded": [], "calibration": [], "selection": [], "other": [cache.slots]}
     store, layers = cache.store, cache.layers
     offloaded = [*store.k.values(), *store.v.values()] if hasattr(store, "k") else []
-    sketches = [s.sketch for s in layers if s.sketch is not None]
+    sketches = [s.pages.sketch for s in layers if s.pages is not None]
     return {"kv": [t for s in layers for t in (s.k, s.v)], "offloaded": offloaded,
             "calibration": [t for s in layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None],
             "selection": [t for s in sketches for t in s.tensors],
@@ -257,7 +251,7 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, refer
         t0 = time.perf_counter()
         # eager and compiled rows: the same room, so the same shapes
         cache = calidrop.CaliDropCache.from_prefill(config, shared.keys, shared.values, shared.recorder,
-                                                    shared.room, inv_freq=model.inv_freq)
+                                                    shared.room, offload_store(device), model.inv_freq)
         synchronize(device)
         compress_s = time.perf_counter() - t0
     cuda_graphs = mode == "compile" and uses_cuda_graphs(device, variant, cache)

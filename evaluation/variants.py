@@ -8,6 +8,7 @@ import time
 import torch
 
 import calidrop
+import calidrop_pages
 import ott
 from common import UsageError, log
 from model import FullCache, decode_one_token, prefill
@@ -145,14 +146,12 @@ def as_rows(base, args, variants, kind, pages):
     layers = []
     for state in base.layers:
         _, Hkv, _, D = state.k.shape
-        read = (calidrop.pages_to_read(config, state.evicted_len, Hq // Hkv, D, offloaded=False)
+        read = (calidrop_pages.pages_to_read(config, state.evicted_len, Hq // Hkv, D, offloaded=False)
                 if base.recomputes else None)
-        sketch = calidrop.KeySketch(*map(repeat, dataclasses.astuple(state.sketch))) if read is not None else None
         layers.append(dataclasses.replace(state, k=repeat(state.k), v=repeat(state.v), hist_q=repeat(state.hist_q),
                                           hist_out=repeat(state.hist_out), hist_lse=repeat(state.hist_lse),
-                                          pages=read, sketch=sketch))
-    return calidrop.CaliDropCache(config, base.prompt_len, layers, SharedRows(store, S, n), (n * S, Hq),
-                                  base.inv_freq)
+                                          pages=None if read is None else state.pages.repeat(n, read)))
+    return calidrop.CaliDropCache(config, base.prompt_len, layers, SharedRows(store, S, n), (n * S, Hq))
 
 
 def quantized_caches(model, full, length, bits=QUANT_BITS):

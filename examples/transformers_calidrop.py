@@ -1,7 +1,12 @@
-"""CaliDrop inside a Hugging Face transformers causal LM, with calidrop.py as it is.
+"""CaliDrop inside a Hugging Face transformers causal LM: one file to copy beside calidrop.py (torch,
+transformers and calidrop only; calidrop_pages.py beside them makes recomputes read ranked pages).
 
-    python examples/transformers_calidrop.py --method snapkv --budget 64 --window 16 --prompt-file prompts/passkey.txt --chat
-    python examples/transformers_calidrop.py --ckpt DIR --method full --prompt "..."
+    import calidrop, transformers_calidrop                     # registers attn_implementation="calidrop"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="calidrop")
+    config = calidrop.CaliDropConfig(method="snapkv", budget=256)  # None: the full cache
+    cache = transformers_calidrop.GenerationCache(model, config)
+    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=128, do_sample=True)
+    print(cache.kv.decisions(), cache.kv.stats(cache.get_seq_length()))  # rows=slice(b, b + 1): sequence b
 
 How it plugs in. transformers' decoders that route attention through `AttentionInterface` (Llama, Mistral,
 Qwen2, ...) project q, k, v, apply RoPE, give k and v to the layer's cache (`cache.update(k, v, layer_idx)`),
@@ -10,59 +15,38 @@ scaling=..., **kwargs). This file registers "calidrop": it hands the post-RoPE q
 T, D), `module.layer_idx` and the cache slots to calidrop.py's seam `attend(layer, q, k, v, pos)` of a cache
 that reaches it one of two ways:
 
-  * `model.generate(input_ids, cache=GenerationCache(model, config, max_new_tokens), ...)` (`cache` is
-    transformers 5's name for `past_key_values`, which it still takes with a FutureWarning): a transformers
-    `Cache`, so generate() keeps everything it does (sampling, streamers, stopping criteria, EOS,
-    max_new_tokens) and only the attention changes. A `Cache` sees k and v in `update()` but never q, which
-    the recorder and the calibration need, and the attention function sees q, k, v but not the cache; so
-    `update()` returns k tagged with its cache (`k.calidrop_cache`) and the attention function hands q, k, v
-    to that cache. The first forward is the prefill, through the full cache wrapped in `PrefillRecorder`; its
-    last layer compresses it with `CaliDropCache.from_prefill`; every later forward decodes one token. A Cache
-    rather than a context manager: generate() takes one already, the convention a kvpress user knows, and it
-    needs no patching of the model.
+  * `model.generate(..., cache=GenerationCache(model, config))` (`cache` is transformers 5's name for
+    `past_key_values`): a transformers `Cache`, so generate() keeps everything it does (sampling, streamers,
+    stopping criteria, EOS, max_new_tokens) and only the attention changes. A `Cache` sees k and v in
+    `update()` but never q, which the recorder and the calibration need, and the attention function sees q,
+    k, v but not the cache; so `update()` returns k tagged with its cache (`k.calidrop_cache`) and the
+    attention function hands q, k, v to that cache. The first forward is the prefill, through the full cache
+    wrapped in `PrefillRecorder`; its last layer compresses it with `CaliDropCache.from_prefill`; every later
+    forward decodes one token. generate() tells a cache it was given nothing of its arguments, so the cache
+    makes room for new tokens as they come (`max_new_tokens=` preallocates).
   * `model(..., use_cache=False, calidrop_cache=..., calidrop_slots=...)`: this file's own greedy loop
     (`generate`), the reference the tests hold generate() to.
 
-Prompts of different lengths: a left-padded batch (`tokenizer.padding_side = "left"`, its attention_mask).
-The file also registers a mask function for "calidrop" that passes generate()'s 2D mask on as it is, and the
-prefill reads each sequence's padding off it (`left_padding`): the pads are never attended, kept, scored,
+Prompts of different lengths: a left-padded batch (`tokenizer.padding_side = "left"`, a pad token set, and
+its attention_mask). A mask function registered for "calidrop" passes generate()'s 2D mask on as it is, and
+the prefill reads each sequence's padding off it (`left_padding`): the pads are never attended, kept, scored,
 offloaded or calibrated with (calidrop.py's `pads`), so each row decodes as its prompt alone would (up to
-float rounding). RoPE keeps generate()'s positions, each sequence's own; the cache slots are the same for
-every row (prompt length + tokens fed). Any other mask (right padding, holes) is a ValueError.
+float rounding). Any other mask (right padding, holes) is a ValueError.
 
-A recompute reads only the evicted pages that a sketch of the pre-RoPE keys ranks first
-(CaliDropConfig.reload_pages), so the cache gets the model's RoPE frequencies, from its rotary embedding
-(`rope_inv_freq`). Refused with a ValueError: a model without attn_implementation="calidrop", padding other
-than on the left, beam search and anything else that reorders, crops or re-prefills the cache (assisted
-decoding, chunked prefill).
-
-In your code (what was tested: the main README, "Use it in your transformers model"):
-
-    import calidrop, transformers_calidrop                     # registers attn_implementation="calidrop"
-    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="calidrop")
-    config = calidrop.CaliDropConfig(method="snapkv", budget=256)  # None: the full cache
-    cache = transformers_calidrop.GenerationCache(model, config, max_new_tokens=128)
-    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=128, do_sample=True, top_p=0.9)
-    print(cache.kv.decisions(), cache.kv.stats(cache.get_seq_length()))  # rows=slice(b, b + 1): sequence b
-
-The CLI (the second half) takes generate.py's flags, with the same meanings, checks and stats fields.
+A recompute that ranks pages (CaliDropConfig.reload_pages) needs the model's RoPE frequencies, from its
+rotary embedding (`rope_inv_freq`). Refused with a ValueError: a model without attn_implementation=
+"calidrop", padding other than on the left, beam search and anything else that reorders, crops or
+re-prefills the cache (assisted decoding, chunked prefill).
 """
-import argparse
 import math
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM
+from transformers import AttentionInterface, AttentionMaskInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # in this repository, calidrop.py is one level up
-import calidrop  # noqa: E402
+import calidrop
 
-
-# ------------------------------------------------------------------------------------------- the adapter
 
 def calidrop_attention(module, query, key, value, attention_mask, scaling=None, calidrop_cache=None,
                        calidrop_slots=None, **kwargs):
@@ -83,7 +67,7 @@ def calidrop_attention(module, query, key, value, attention_mask, scaling=None, 
         out = calidrop_cache.attend(module.layer_idx, query, key, value, calidrop_slots)
     else:
         raise ValueError('attn_implementation="calidrop" needs a CaliDrop cache: model.generate(..., '
-                         "cache=GenerationCache(model, config, max_new_tokens)), or "
+                         "cache=GenerationCache(model, config)), or "
                          "model(..., use_cache=False, calidrop_cache=..., calidrop_slots=...) as "
                          "prefill_and_compress() does")
     return out.transpose(1, 2), None
@@ -151,6 +135,13 @@ class KVCache:
             return causal
         return causal & ((slots >= self.pads[:, None])[:, None, None] | (slots[None] == pos[:, None]))
 
+    def make_room(self, extra):
+        """extra more slots at the end of every layer's buffers."""
+        self.max_len += extra
+        for buffers in (self.k, self.v):
+            for layer, x in buffers.items():
+                buffers[layer] = F.pad(x, (0, 0, 0, extra))
+
     def keys_values(self):
         """Per layer, in order: (B, Hkv, max_len, D) keys and values."""
         return [self.k[i] for i in range(len(self.k))], [self.v[i] for i in range(len(self.v))]
@@ -214,7 +205,8 @@ def prefill_cache(model, config, prompt_len, max_new_tokens, pads=None):
 def compress(model, config, full, recorder, max_new_tokens, store=None):
     """CaliDropCache.from_prefill on the finished prefill of `full`, recorded by `recorder`."""
     keys, values = full.keys_values()
-    ranks_pages = config.recomputes and config.reload_pages is not None and not config.exact
+    ranks_pages = (calidrop.calidrop_pages is not None and config.recomputes and config.reload_pages is not None
+                   and not config.exact)
     inv_freq = rope_inv_freq(model, keys[0].shape[-1]) if ranks_pages else None
     return calidrop.CaliDropCache.from_prefill(config, keys, values, recorder, max_new_tokens, store, inv_freq)
 
@@ -254,22 +246,21 @@ def generate(model, input_ids, config, max_new_tokens, stop_ids=(), store=None, 
 
 
 class GenerationCache(transformers.Cache):
-    """The cache `model.generate(input_ids, attention_mask=..., cache=GenerationCache(model, config,
-    max_new_tokens))` decodes through, on a model loaded with attn_implementation="calidrop"; one per
-    generate() call.
+    """The cache `model.generate(input_ids, attention_mask=..., cache=GenerationCache(model, config))` decodes
+    through, on a model loaded with attn_implementation="calidrop"; one per generate() call.
 
     The first forward is the prefill: through a KVCache, wrapped in a PrefillRecorder when config compresses
     the prompt (config None: the full cache), as prefill_and_compress does; its last layer compresses it with
     CaliDropCache.from_prefill. Every later forward is one token, routed to `kv.attend`. `kv` is calidrop.py's
     side of it: the KVCache, or after compression the CaliDropCache (decisions(), stats(), counts, reloads).
     A left-padded batch (zeros at the start of attention_mask's rows): `pads` (B,), read off the mask at the
-    prefill; each sequence's stats are `kv.stats(n, rows=slice(b, b + 1))`. max_new_tokens: at most
-    generate()'s, the room the cache keeps for the new tokens."""
+    prefill; each sequence's stats are `kv.stats(n, rows=slice(b, b + 1))`. max_new_tokens: the room for new
+    tokens made at the prefill (generate() does not tell its cache its own); more is made when it fills."""
 
-    def __init__(self, model, config, max_new_tokens, store=None):
-        check_model(model, max_new_tokens)
+    def __init__(self, model, config, max_new_tokens=64, store=None):
+        check_model(model, 1)
         super().__init__(layers=[])  # no transformers layers: calidrop.py holds the K/V
-        self.model, self.config, self.max_new_tokens, self.store = model, config, max_new_tokens, store
+        self.model, self.config, self.room, self.store = model, config, max_new_tokens, store
         self.n_layers = model.config.get_text_config().num_hidden_layers
         self.kv = self.recorder = self.pads = None  # the recorder only during a compressing prefill
         self.prompt_len = self.length = 0  # length: slots per sequence fed so far, this forward's included
@@ -288,9 +279,10 @@ class GenerationCache(transformers.Cache):
         elif n_tokens != 1:
             raise ValueError("a GenerationCache serves one generate() call: one prefill, then one token per "
                              "forward (no chunked prefill, assisted decoding or second call: make a new cache)")
-        elif self.length - self.prompt_len >= self.max_new_tokens:
-            raise ValueError(f"this GenerationCache has room for max_new_tokens={self.max_new_tokens}: "
-                             "make it with generate()'s max_new_tokens")
+        elif self.length - self.prompt_len >= self.room:  # full: twice the room (a copy of the kept buffers)
+            check_model(self.model, self.length + self.room)
+            make_room(self.kv, self.room)
+            self.room *= 2
         self.length += n_tokens
 
     def attend(self, layer, q, k, v, attention_mask):
@@ -299,13 +291,12 @@ class GenerationCache(transformers.Cache):
         pos = torch.arange(self.length - q.shape[2], self.length, device=q.device)
         if self.kv is None:
             self.pads = left_padding(attention_mask)
-            self.kv, self.recorder = prefill_cache(self.model, self.config, self.prompt_len, self.max_new_tokens,
-                                                   self.pads)
+            self.kv, self.recorder = prefill_cache(self.model, self.config, self.prompt_len, self.room, self.pads)
         if self.recorder is None:
             return self.kv.attend(layer, q, k, v, pos)
         out = self.recorder.attend(layer, q, k, v, pos)
         if layer == self.n_layers - 1:  # the end of the prefill
-            self.kv = compress(self.model, self.config, self.kv, self.recorder, self.max_new_tokens, self.store)
+            self.kv = compress(self.model, self.config, self.kv, self.recorder, self.room, self.store)
             self.recorder = None
         return out
 
@@ -337,107 +328,12 @@ class GenerationCache(transformers.Cache):
         raise ValueError("a GenerationCache cannot be cropped (assisted or speculative decoding)")
 
 
-# ---------------------------------------------------------------------------------------------- the CLI
-# Everything above is the adapter: torch, transformers and calidrop.py, to copy into another project. The CLI
-# reuses this repository's generate.py (its input checks and summary) and common.py (TextCodec, byte counts),
-# so it runs from here.
-
-import generate as cli  # noqa: E402
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, log, resolve_checkpoint,  # noqa: E402
-                    run_cli, synchronize)
-from model import CheckpointError  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help=CKPT_HELP)
-    p.add_argument("--prompt", action="append", default=[],
-                   help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
-    p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
-    p.add_argument("--stats-json", help="write the run's numbers to this file as one JSON object")
-    g = p.add_argument_group("KV-cache compression")
-    g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
-    g.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
-    g.add_argument("--no-calibration", action="store_true", help="plain eviction, no CaliDrop")
-    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1")
-    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
-    g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
-    g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
-    add_reload_args(g)
-    # generate.py's options that this CLI lacks (sampling, quantization, offload storage, calibration size,
-    # compile) at their defaults, so that its checks and stats apply as they are
-    return argparse.Namespace(**{**vars(cli.parse_args([])), **vars(p.parse_args(argv))})
-
-
-def context_length(ckpt):
-    """The checkpoint's context length, from its config.json, read by transformers."""
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
-    if not (ckpt / "config.json").is_file():
-        raise CheckpointError(f"no config.json in {ckpt}")
-    try:
-        return AutoConfig.from_pretrained(str(ckpt)).get_text_config().max_position_embeddings
-    except (OSError, ValueError, KeyError, AttributeError) as e:  # transformers' messages span lines
-        raise CheckpointError(f"bad config.json in {ckpt}: {str(e).splitlines()[0]}") from None
-
-
-def load(ckpt, device, dtype):
-    """The checkpoint as a transformers causal LM with calidrop attention, in eval mode on `device`."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype,
-                                                    attn_implementation="calidrop").to(device).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt} does not load as a transformers causal LM: {str(e).splitlines()[0]}") from None
-
-
-def run(args):
-    device, dtype = cli.check_args(args)
-    ckpt = resolve_checkpoint(args.ckpt)
-    max_len = context_length(ckpt)
-    codec = TextCodec(ckpt)
-    prompts = [codec.encode(prompt, chat=args.chat) for prompt in args.prompts]
-    longest = max(len(ids) for ids in prompts)
-    if longest > max_len:
-        raise UsageError(f"the prompt is {longest} tokens, longer than the model's context ({max_len})")
-    max_new = min(args.max_new_tokens, max_len - longest)
-    if max_new < args.max_new_tokens:
-        log(f"note: the context has room for {max_new} new tokens only")
-    config = None if args.method == "full" else cli.make_config(args)  # already checked
-    if config is not None and longest <= config.budget:
-        log(f"note: the prompt ({longest} tokens) fits in the budget ({config.budget}): not compressed")
-    model = load(ckpt, device, dtype)
-
-    with torch.inference_mode():
-        tokens, pads = cli.left_pad(prompts, device)  # pads None for one prompt
-        synchronize(device)
-        t0 = time.perf_counter()
-        try:
-            logits, cache = prefill_and_compress(model, tokens, config, max_new, pads=pads)
-        except ValueError as e:  # a model this adapter does not support
-            raise CheckpointError(str(e)) from None
-        token = logits.argmax(-1, keepdim=True)
-        synchronize(device)
-        prefill_s = time.perf_counter() - t0
-
-        def next_token(token, pos):
-            return next_logits(model, token, pos, cache, pads).argmax(-1, keepdim=True)
-        if pads is not None:
-            decoded = cli.decode_batch(next_token, token, tokens.shape[1], max_new, codec, device)
-            return cli.finish_batch(args, ckpt, config, model, cache, device, dtype, prompts, prefill_s, *decoded)
-        decoded = cli.stream(next_token, token, longest, max_new, codec, device)
-    return cli.finish(args, ckpt, config, model, cache, device, dtype, longest, prefill_s, *decoded)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    transformers.logging.set_verbosity_error()  # stderr holds the summary, or one line of error
-    transformers.logging.disable_progress_bar()
-    run_cli(run, args)
-
-
-if __name__ == "__main__":
-    main()
+def make_room(kv, extra):
+    """extra more slots for generated tokens in a KVCache or a CaliDropCache (every layer's kept buffers)."""
+    if isinstance(kv, KVCache):
+        return kv.make_room(extra)
+    for state in kv.layers:
+        state.k, state.v = (F.pad(x, (0, 0, 0, extra)) for x in (state.k, state.v))
+        state.slots = torch.arange(state.k.shape[2], device=state.k.device)
+        if state.kept_visible is not None:
+            state.kept_visible = F.pad(state.kept_visible, (0, extra), value=True)
