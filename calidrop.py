@@ -6,9 +6,9 @@ One file, torch only, to read top to bottom or copy into another project. It fol
   3. the settings and the prefill: what scoring needs, recorded while the prompt runs
   4. decoding: attend the kept cache, then per head calibrate, recompute or do nothing
   5. accounting: decisions, bytes held, bytes read back
-  6. beyond the paper: a reload capacity, and a decode step that compiles to one graph
-A recompute reads every evicted token of its KV head (the paper's rule); where calidrop_pages.py sits beside
-this file, only the pages that hold most of the query's attention (this project's accelerator, reload_pages).
+A recompute reads every evicted token of its KV head (the paper's rule). With calidrop_pages.py beside this
+file (this project's accelerator) it reads only the pages that hold most of the query's attention
+(reload_pages), at most reload_capacity pairs a step, and the decode step compiles to one graph.
 
 The cache plugs into a model through one call, `cache.attend(layer, q, k, v, pos)`, with post-RoPE
 q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (model.py's names):
@@ -91,24 +91,21 @@ def group_mean(scores, n_kv_heads):
 
 
 def own_positions(length, pads, device=None):
-    """(B, L) each slot's position in its own sequence, negative on the left padding pads (B,); (1, L)
-    without padding (None)."""
+    """(B, L) each slot's position in its sequence, negative on the left padding pads (B,); (1, L) if None."""
     slots = torch.arange(length, device=device)[None]
     return slots if pads is None else slots - pads[:, None]
 
 
 def score_streamingllm(positions, sink):
-    """positions (..., L), each token's position in its sequence -> scores (..., L): the first `sink` tokens
-    (attention sinks) always, then the most recent ones."""
+    """positions (..., L) -> scores (..., L): the first `sink` tokens (attention sinks) always, then the latest."""
     return positions.float().masked_fill(positions < sink, float("inf"))
 
 
 def h2o_column_sums(q, k, pads=None, chunk=256):
     """Attention each key receives, summed over all prompt queries (causal): H2O's heavy-hitter score.
 
-    q (B, Hq, L, D), k (B, Hkv, L, D) -> (B, Hq, L) float32; pads (B,) left padding, which neither gives
-    nor receives attention. Query chunks bound the memory to Hq x chunk x L scores at a time instead of
-    Hq x L x L."""
+    q (B, Hq, L, D), k (B, Hkv, L, D) -> (B, Hq, L) float32; pads (B,) left padding, which neither gives nor
+    receives attention. Query chunks bound the memory to Hq x chunk x L scores at a time, not Hq x L x L."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     q_grouped = q.view(B, Hkv, Hq // Hkv, L, D)
@@ -191,10 +188,9 @@ def pyramid_budgets(budget, n_layers, window, beta=20):
 
 
 def select(scores, budget, calibration_size=None):
-    """Keep the `budget` highest scores per (sequence, KV head); the next `calibration_size` (default:
-    all the rest) form the evicted set that is offloaded and calibrated with; beyond that, dropped.
-
-    scores (B, Hkv, L) -> keep (B, Hkv, budget), evicted (B, Hkv, E), both in position order."""
+    """Keep the `budget` highest scores per (sequence, KV head); the next `calibration_size` (default: all the
+    rest) form the evicted set, offloaded and calibrated with; beyond that, dropped. scores (B, Hkv, L) ->
+    keep (B, Hkv, budget), evicted (B, Hkv, E), both in position order."""
     order = scores.argsort(dim=-1, descending=True, stable=True)
     end = None if calibration_size is None else budget + calibration_size
     return order[..., :budget].sort(-1).values, order[..., budget:end].sort(-1).values
@@ -223,7 +219,7 @@ class CaliDropConfig:
     # than reading every token), a number of pages, or None (every evicted token: the paper's rule)
     reload_pages: int | str | None = "auto"
     page_size: int = 16           # evicted tokens per page: the unit a recompute reads
-    reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute (section 6)
+    reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute (None: all)
 
     def __post_init__(self):
         self.check()
@@ -253,20 +249,19 @@ class CaliDropConfig:
         if not (self.reload_pages in (None, "auto") or isinstance(self.reload_pages, int) and self.reload_pages >= 1):
             raise ValueError(f"reload_pages must be >= 1, 'auto', or None for every evicted token "
                              f"(reload_pages={self.reload_pages!r})")
-        if isinstance(self.reload_pages, int) and calidrop_pages is None:
-            raise ValueError("reload_pages ranks pages of evicted tokens: that needs calidrop_pages.py beside "
-                             "calidrop.py (without it, reload_pages='auto' or None reads every evicted token)")
+        if (isinstance(self.reload_pages, int) or self.reload_capacity is not None) and calidrop_pages is None:
+            raise ValueError("reload_pages (a number) and reload_capacity need calidrop_pages.py beside calidrop.py "
+                             "(without it, a recompute reads every evicted token)")
 
     @property
     def exact(self):
-        """theta1 > 1 for every sequence: a recompute at every step over every evicted token, the full cache's
-        output (the exactness check)."""
+        """theta1 > 1 for every sequence: recompute every step over every evicted token (the full cache's output)."""
         return bool(torch.as_tensor(self.theta1).min() > 1)
 
     @property
     def recomputes(self):
-        """Whether any sequence may recompute: only then are the evicted K/V kept. (theta1 and theta2 may
-        be (B, 1) tensors, one per sequence: evaluate.py decodes the variants of a config as rows.)"""
+        """Whether any sequence may recompute: only then are the evicted K/V kept. (theta1 and theta2 may be
+        (B, 1) tensors, one per sequence: evaluate.py decodes the variants of a config as rows.)"""
         return self.calibration and bool(torch.as_tensor(self.theta1).max() > -1)
 
 
@@ -368,11 +363,10 @@ class CaliDropCache:
 
     @classmethod
     def from_prefill(cls, config, keys, values, recorder, max_new_tokens, store=None, inv_freq=None):
-        """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g.
-        the buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it;
-        inv_freq (D/2,): the model's RoPE inverse frequencies, needed to rank pages (reload_pages).
-        A left-padded batch (recorder.pads): the pads are never kept, scored, offloaded or calibrated with,
-        so each sequence is compressed as it would be alone; "auto" pages follow the longest evicted set."""
+        """Compress a finished prefill. keys, values: per layer (B, Hkv, L, D) for the L prompt tokens, e.g. the
+        buffers of a full cache sized to the prompt; recorder: the PrefillRecorder that watched it; inv_freq
+        (D/2,): the model's RoPE frequencies, to rank pages. A left-padded batch (recorder.pads): each sequence
+        is compressed as it would be alone ("auto" pages follow the longest evicted set)."""
         n_layers = len(keys)
         B, Hkv, L, D = keys[0].shape
         Hq = recorder.layers[0].window_q.shape[1]
@@ -430,9 +424,9 @@ class CaliDropCache:
         return self.calibrated(layer, q, out_kept, lse_kept)[:, :, None]
 
     def calibrated(self, layer, q, out_kept, lse_kept):
-        """Section 5, per (sequence, query head), with rho = cos(q, hist_q): recompute if rho < theta1, else
-        calibrate if rho > theta2, else nothing (the kept cache's output). q, out_kept (B, Hq, D).
-        A recompute first makes q the history; both cases then merge the history into the kept output."""
+        """Per (sequence, query head), rho = cos(q, hist_q): recompute if rho < theta1, else calibrate if rho >
+        theta2, else nothing (the kept cache's output). A recompute first makes q the history; both cases then
+        merge the history into the kept output. q, out_kept (B, Hq, D)."""
         if not self.config.calibration:
             none = torch.ones_like(lse_kept, dtype=torch.bool)
             self.count(layer, calibrate=~none, recompute=~none)
@@ -448,12 +442,11 @@ class CaliDropCache:
         return torch.where((calibrate | recompute)[..., None], merged, out_kept)
 
     def stale_heads(self, rho):
-        """(B, Hq) bool: the query heads to recompute now, rho < theta1 (with a reload capacity, section 6,
-        at most that many (sequence, KV head) pairs of them)."""
+        """(B, Hq) bool: the query heads to recompute now, rho < theta1 (with a reload capacity, those of at
+        most that many (sequence, KV head) pairs: calidrop_pages.py)."""
         stale = rho < self.config.theta1
-        if self.config.reload_capacity is None:
-            return stale
-        return within_capacity(stale, rho, self.layers[0].k.shape[1], self.config.reload_capacity)
+        return stale if self.config.reload_capacity is None else calidrop_pages.within_capacity(
+            stale, rho, self.layers[0].k.shape[1], self.config.reload_capacity)
 
     def refresh_history(self, layer, q, lse_kept, recompute):
         """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
@@ -465,10 +458,12 @@ class CaliDropCache:
         reload = recompute.view(B, Hkv, Hq // Hkv).any(-1)  # (B, Hkv): KV heads with a recomputing query head
         if state.evicted_len == 0:  # nothing evicted (a prompt within this layer's budget): the empty set
             out, lse = torch.zeros_like(state.hist_out), torch.full_like(state.hist_lse, float("-inf"))
-        elif reads_store_in_place(self, state):
-            out, lse = attend_store(self, layer, q, reload)
         else:
-            rows, kv_heads, needed = reading_pairs(reload, self.config.reload_capacity)  # (n,) each
+            if calidrop_pages is None:  # the pairs with a recomputing query head (a host sync)
+                rows, kv_heads = reload.nonzero(as_tuple=True)
+                needed = torch.ones_like(rows, dtype=torch.bool)
+            else:  # compiled: as many pairs whatever the decisions, so that the step is one graph
+                rows, kv_heads, needed = calidrop_pages.reading_pairs(reload, self.config.reload_capacity)  # (n,) each
             q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
             lens = None if state.evicted_lens is None else state.evicted_lens[rows, None]  # (n, 1)
             if state.pages is None:  # every evicted token (the paper's rule)
@@ -478,7 +473,10 @@ class CaliDropCache:
                 tokens, visible = state.pages.tokens(rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
                                                      recompute.view(B, Hkv, -1)[rows, kv_heads], lens)
             visible = visible & needed[:, None]
-            k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
+            if state.pages is None and len(rows) == B * Hkv and self.store_is_local(q):  # every pair, in order
+                k, v = (x.view(B * Hkv, -1, D) for x in self.store.get(layer))  # the store as it lies: no gather
+            else:
+                k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
             out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
             out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
             lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
@@ -489,6 +487,10 @@ class CaliDropCache:
         state.hist_lse.copy_(torch.where(recompute, lse, state.hist_lse))
         self.reloads[layer] += reload
 
+    def store_is_local(self, q):
+        """Whether the offload store sits in the compute's memory (a CPU's), where reading it costs no link."""
+        return getattr(self.store, "device", q.device) == q.device
+
     # -------------------------------------------------------------------------------- 5. accounting
 
     def count(self, layer, calibrate, recompute):
@@ -496,8 +498,7 @@ class CaliDropCache:
         self.counts[layer] += torch.stack([calibrate, recompute, ~(calibrate | recompute)], -1)
 
     def decisions(self, rows=slice(None)):
-        """Fractions of (sequence, layer, query head, step) cases of the sequences `rows`: calibrate,
-        recompute, none."""
+        """Fractions of (sequence, layer, query head, step) cases of the sequences `rows`: calibrate, recompute, none."""
         total = self.counts[:, rows].sum(dim=(0, 1, 2)).double()
         fractions = (total / total.sum().clamp(min=1)).tolist()
         return dict(zip(("calibrate", "recompute", "none"), fractions))
@@ -510,10 +511,9 @@ class CaliDropCache:
                    for i, n in enumerate(self.reload_tokens[:, rows].sum((1, 2)).tolist()) if n)
 
     def stats(self, n_tokens, rows=slice(None)):
-        """Byte counts of the sequences `rows` (a slice; default: all) when the cache holds the K/V of n_tokens tokens
-        per sequence (prompt + fed). With left padding the kept, full and offloaded bytes count each sequence's
-        own tokens, as alone; the buffers, the calibration state and the page sketch are what the batch
-        allocates, a share per sequence."""
+        """Byte counts of the sequences `rows` (a slice) when the cache holds the K/V of n_tokens tokens per
+        sequence (prompt + fed). With left padding kept, full and offloaded bytes count each sequence's own
+        tokens; the buffers, the calibration state and the page sketch are a share of the batch's."""
         B, Hkv, _, D = self.layers[0].k.shape
         lengths = torch.full((B,), self.prompt_len) if self.pads is None else self.prompt_len - self.pads.cpu()
         lengths = lengths[rows]  # (b,) the prompts' own lengths
@@ -539,52 +539,3 @@ class CaliDropCache:
             "reload_fraction": self.reloads[:, rows].sum().item() / (self.reloads[:, rows].numel() * steps),
             "decisions": self.decisions(rows),
         }
-
-
-# --------------------------------------------------- 6. beyond the paper: capacity, one compiled graph
-
-def within_capacity(stale, rho, n_kv_heads, capacity):
-    """A reload capacity shared by the batch: of the stale query heads (B, Hq), those of at most `capacity`
-    (sequence, KV head) pairs, the pairs whose stalest query head has the lowest cosine; the rest wait for a
-    later step (their heads do nothing now). It bounds what one layer-step reads, which a compiled step needs."""
-    B, Hq = rho.shape
-    if capacity >= B * n_kv_heads:
-        return stale
-    stalest = rho.masked_fill(~stale, float("inf")).view(B, n_kv_heads, -1).amin(-1).flatten()  # (B x Hkv)
-    allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(0, stalest.topk(capacity, largest=False).indices, True)
-    return stale & allowed.view(B, n_kv_heads).repeat_interleave(Hq // n_kv_heads, 1)
-
-
-def reading_pairs(reload, capacity=None):
-    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
-
-    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
-    depend on the decisions, so that the step is one graph with no host sync: every pair in order, or with a
-    capacity, `capacity` pairs of the batch, the reloading ones first; a pair that does not need it has
-    needed False and reads a dummy token."""
-    if not torch.compiler.is_compiling():
-        rows, kv_heads = reload.nonzero(as_tuple=True)
-        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
-    B, Hkv = reload.shape
-    pairs = torch.arange(B * Hkv, device=reload.device)
-    if capacity is not None and capacity < B * Hkv:
-        pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
-    return pairs // Hkv, pairs % Hkv, reload.flatten()[pairs]
-
-
-def reads_store_in_place(cache, state):
-    """Compiled, every evicted token of every pair: attend the store as it lies, no gather."""
-    return (state.pages is None and torch.compiler.is_compiling()
-            and (cache.config.reload_capacity or math.inf) >= state.k.shape[0] * state.k.shape[1])
-
-
-def attend_store(cache, layer, q, reload):
-    """(out, lse) of q over every evicted token of every pair (its own, with left padding), the store as it
-    lies; the tokens of the pairs in reload count as read."""
-    state = cache.layers[layer]
-    k, v = (x.to(q.device) for x in cache.store.get(layer))  # (B, Hkv, E, D)
-    lens = state.evicted_len if state.evicted_lens is None else state.evicted_lens[:, None]
-    out, lse = attention_with_lse(q, k, v, None if state.evicted_lens is None else
-                                  (torch.arange(k.shape[2], device=q.device) < lens)[:, None, None])
-    cache.reload_tokens[layer] += reload * lens
-    return out, lse

@@ -13,10 +13,14 @@ reads the N pages that hold the most of its query's attention, ranked without re
   3. how many: N = max(12, 1/16 of the pages), or every token where that costs less than ranking
      (`pages_to_read`).
 
-A recompute then attends exactly over the pages it reads, and the history becomes that. The seam with
-calidrop.py is one object per layer, `LayerPages`, with `tokens(...)`: the tokens a recompute reads.
-calidrop.py imports this file where it sits beside it (CaliDropConfig.reload_pages "auto" or a number);
-without it every recompute reads every evicted token. Torch only.
+A recompute then attends exactly over the pages it reads, and the history becomes that. Which (sequence, KV
+head) pairs read at a step is this file's too: eagerly those with a recomputing query head; compiled, as
+many pairs whatever the decisions (every pair, or a reload capacity shared by the batch), so that the decode
+step is one graph without a host sync.
+
+The seam with calidrop.py: one object per layer, `LayerPages`, whose `tokens(...)` are the tokens a recompute
+reads, and `reading_pairs` / `within_capacity`, the pairs that read. calidrop.py imports this file where it
+sits beside it; without it every recompute reads every evicted token of the pairs that need them. Torch only.
 """
 import math
 from dataclasses import dataclass, fields, replace
@@ -226,3 +230,36 @@ class LayerPages:
     def repeat(self, n, pages=None):
         """These pages for a cache of n variants of the batch (see KeySketch.repeat), reading `pages` pages."""
         return replace(self, sketch=self.sketch.repeat(n), pages=pages or self.pages)
+
+
+# ------------------------------------------------------- how many pairs read: a capacity, one compiled graph
+
+def within_capacity(stale, rho, n_kv_heads, capacity):
+    """A reload capacity shared by the batch: of the stale query heads (B, Hq), those of at most `capacity`
+    (sequence, KV head) pairs, the pairs whose stalest query head has the lowest cosine; the rest wait for a
+    later step (their heads do nothing now). It bounds what one layer-step reads, which a compiled step needs."""
+    B, Hq = rho.shape
+    if capacity >= B * n_kv_heads:
+        return stale
+    stalest = rho.masked_fill(~stale, float("inf")).view(B, n_kv_heads, -1).amin(-1).flatten()  # (B x Hkv)
+    allowed = torch.zeros_like(stalest, dtype=torch.bool).scatter(0, stalest.topk(capacity, largest=False).indices, True)
+    return stale & allowed.view(B, n_kv_heads).repeat_interleave(Hq // n_kv_heads, 1)
+
+
+def reading_pairs(reload, capacity=None):
+    """The (sequence, KV head) pairs that read evicted tokens this step: rows, kv_heads, needed (n,) each.
+
+    reload (B, Hkv) bool. Eager: the reloading pairs themselves. Compiled (torch.compile): shapes that do not
+    depend on the decisions, so that the step is one graph with no host sync: every pair in order, or with a
+    capacity, `capacity` pairs of the batch, the reloading ones first; a pair that does not need it has
+    needed False and reads a dummy token."""
+    if not torch.compiler.is_compiling():
+        rows, kv_heads = reload.nonzero(as_tuple=True)
+        return rows, kv_heads, torch.ones_like(rows, dtype=torch.bool)
+    B, Hkv = reload.shape
+    pairs = torch.arange(B * Hkv, device=reload.device)
+    if capacity is not None and capacity < B * Hkv:
+        pairs = reload.flatten().float().topk(capacity, sorted=False).indices  # (C,)
+    return pairs // Hkv, pairs % Hkv, reload.flatten()[pairs]
+
+
