@@ -478,6 +478,9 @@ def run(args):
                           if r["length"] == L and r["batch"] == B and r["mode"] == "compile" and "first_step_s" in r]
                 if firsts:
                     print("first compiled step (compile time included): " + ", ".join(firsts))
+                    again = [f"{r['row']} {r['recompiles']}" for r in rows if r["length"] == L and r["batch"] == B
+                             and r["mode"] == "compile" and r.get("recompiles")]
+                    print("steps that compiled again after the first: " + (", ".join(again) if again else "none"))
                 print(f"({time.perf_counter() - t_length:.0f} s for this length, {time.perf_counter() - t_start:.0f} s "
                       f"so far)", flush=True)
                 if args.json:  # the rows so far, should a time limit stop the run (the whole file at the end)

@@ -328,7 +328,7 @@ class OffloadStore:
 
     def read(self, layer, rows, kv_heads, tokens):
         """Tokens tokens[i] (n, S) of the pairs (rows[i], kv_heads[i]) -> k, v (n, S, D) on rows' device;
-        only those tokens are read."""
+        only those tokens are read (a token -1 is none: what its row holds is not to be used)."""
         return tuple(read_tokens(x[layer], rows, kv_heads, tokens) for x in (self.k, self.v))
 
     def get(self, layer):
@@ -343,7 +343,7 @@ class OffloadStore:
 def read_tokens(x, rows, kv_heads, tokens):
     """x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D), on rows' device: one gather."""
     B, Hkv, E, D = x.shape
-    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).to(x.device)  # (n, S) rows of x viewed (-1, D)
+    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens.clamp(min=0)).to(x.device)  # (n, S) rows of x (-1, D)
     return x.reshape(-1, D).index_select(0, flat.flatten()).view(*tokens.shape, D).to(rows.device)
 
 
@@ -476,7 +476,7 @@ class CaliDropCache:
             if state.pages is None and len(rows) == B * Hkv and self.store_is_local(q):  # every pair, in order
                 k, v = (x.view(B * Hkv, -1, D) for x in self.store.get(layer))  # the store as it lies: no gather
             else:
-                k, v = self.store.read(layer, rows * needed, kv_heads * needed, tokens * visible)  # (n, S, D) each
+                k, v = self.store.read(layer, rows, kv_heads, tokens.masked_fill(~visible, -1))  # (n, S, D) each
             out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
             out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
             lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)

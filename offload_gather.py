@@ -43,14 +43,15 @@ BLOCK_ROWS = 8  # rows per program: small, so that many programs (and loads) are
 
 
 def _gather_rows(src, index, out, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[i] = src[index[i]] for i < n_rows; src (N, D) and out (n_rows, D) contiguous, index int64."""
+    """out[i] = src[index[i]] for i < n_rows, 0 where index[i] < 0 (not read: nothing crosses the link); src
+    (N, D) and out (n_rows, D) contiguous, index int64."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     live = rows < n_rows
-    where = tl.load(index + rows, mask=live, other=0)  # int64: the store can hold > 2^31 values
-    mask = live[:, None] & (cols[None, :] < D)
-    x = tl.load(src + where[:, None] * D + cols[None, :], mask=mask)
-    tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :], x, mask=mask)
+    where = tl.load(index + rows, mask=live, other=-1)  # int64: the store can hold > 2^31 values
+    columns = cols[None, :] < D
+    x = tl.load(src + where[:, None] * D + cols[None, :], mask=(where >= 0)[:, None] & columns, other=0.0)
+    tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :], x, mask=live[:, None] & columns)
 
 
 _compiled = triton.jit(_gather_rows)
@@ -73,12 +74,14 @@ def _kernel(device):
 
 @torch.library.custom_op("calidrop::gather_rows", mutates_args=())
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """src (N, D), index (...) int64 on src's device -> src[index] (..., D), read by the device itself."""
+    """src (N, D), index (...) int64 on src's device -> src[index] (..., D), read by the device itself; rows
+    of index < 0 are not read and come back 0."""
     N, D = src.shape
     out = torch.empty(*index.shape, D, dtype=src.dtype, device=index.device)
     kernel = _kernel(src.device)
     if kernel is None:
-        return out.copy_(src.index_select(0, index.flatten()).view_as(out))
+        rows = src.index_select(0, index.flatten().clamp(min=0)).view_as(out)
+        return out.copy_(rows.masked_fill(index[..., None] < 0, 0))
     if index.numel():
         src, index = src.contiguous(), index.contiguous()
         grid = (triton.cdiv(index.numel(), BLOCK_ROWS),)
@@ -93,9 +96,10 @@ def _(src, index):
 
 def read_tokens(x, rows, kv_heads, tokens):
     """calidrop.read_tokens for a store the device can read (a CUDA view of pinned memory, or any tensor on
-    the indices' device): x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D)."""
+    the indices' device): x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D); a token -1 is
+    not read (its row comes back 0)."""
     B, Hkv, E, D = x.shape
-    flat = (rows * Hkv + kv_heads)[:, None] * E + tokens  # (n, S) rows of x viewed (-1, D)
+    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).masked_fill(tokens < 0, -1)  # (n, S) rows of x (-1, D)
     return gather_rows(x.view(-1, D), flat)
 
 
@@ -118,7 +122,9 @@ def cuda_view(pinned):
     view = torch.as_tensor(_HostArray(pinned), device="cuda").view(pinned.dtype)  # older torch: CPU by default
     if not (view.is_cuda and view.data_ptr() == pinned.data_ptr()):
         raise RuntimeError("cuda_view: torch copied the pinned memory instead of viewing it")
-    torch._dynamo.mark_static_address(view)  # unguarded: a new store re-records the graph, never copied
+    # static: never copied into a CUDA graph's pool; unguarded (older torch guards by default, a recompile per
+    # cache): a new store re-records the graph
+    torch._dynamo.mark_static_address(view, guard=False)
     return view
 
 

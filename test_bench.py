@@ -78,11 +78,12 @@ def test_forced_recompute_rate_batch_and_compile(tiny_ckpt, tmp_path):
     decode distinct prompts, the first of them the batch-1 prompt, so the first sequence decodes the batch-1
     tokens in every row but the forced one (its capacity of 1 x 2 pairs is shared by the batch: the 2 stalest
     pairs may both be the second sequence's). Compiled rows (fullgraph, the recompute included) decode the
-    eager tokens."""
+    eager tokens, teacher-forced for 16 steps, and compile nothing after their first step (a forced token fed
+    with other strides than an argmax's recompiled every row at its second step)."""
     out = bench.run(bench.parse_args(["--ckpt", str(tiny_ckpt), "--prompt", "random", "--lengths", "48",
                                       "--methods", "snapkv", "--budget", "16", "--window", "4", "--sink", "4",
                                       "--recompute-heads", "1", "--reload-pages", "2", "--page-size", "8",
-                                      "--batch", "1,2", "--no-peer", "--new-tokens", "6", "--compile-new-tokens", "6",
+                                      "--batch", "1,2", "--no-peer", "--new-tokens", "16", "--compile-new-tokens", "16",
                                       "--warmup", "1", "--json", str(tmp_path / "bench.json")]))
     rows = {(r["batch"], r["row"], r["mode"]): r for r in out["rows"]}
     assert all(r["bytes_check"] == [] for r in out["rows"])  # the key sketch's bytes included
@@ -97,6 +98,7 @@ def test_forced_recompute_rate_batch_and_compile(tiny_ckpt, tmp_path):
             if name != forced:
                 assert rows[B, name, "eager"]["tokens"] == rows[1, name, "eager"]["tokens"]
     assert all(c["identical"] for c in out["targets"]["compile"])
+    assert all(r["recompiles"] == 0 for r in out["rows"] if r["mode"] == "compile")
 
 
 def test_compiled_equals_eager_in_bf16_within_a_stated_tolerance():
@@ -121,3 +123,31 @@ def test_compiled_equals_eager_in_bf16_within_a_stated_tolerance():
         _, result = bench.targets(rows(compare_logits(compiled, eager, dtype)), args, [Variant("full", None)], [100])
         (pair,) = result["compile"]
         assert not pair["identical"] and pair["within_tolerance"] == ok
+
+
+def test_the_full_caches_compiled_step_keeps_the_batch_size_static(tiny_ckpt):
+    """bench.py's compiled full-cache step: the slot dimension symbolic from the first compile (one graph for
+    every prompt length), every other size static, the batch size too when a second one comes (a symbolic
+    batch size makes FlexAttention's decode on CUDA fall back to its general kernel)."""
+    from benchmark.rows import Steps, Variant
+    from model import FullCache, load_model
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([tuple(n.meta["example_value"].shape) for n in gm.graph.nodes if n.op == "placeholder"
+                       and isinstance(n.meta.get("example_value"), torch.Tensor) and n.meta["example_value"].dim() == 4])
+        return gm
+    torch._dynamo.reset()
+    model = load_model(tiny_ckpt)
+    steps = Steps(torch.device("cpu"), backend=record)
+    with torch.inference_mode():
+        for B, L in ((1, 20), (1, 30), (2, 30)):
+            cache = FullCache(model.args, B, L)
+            steps.get("compile", Variant("full", None), cache)(model, torch.zeros(B, 1, dtype=torch.long),
+                                                              torch.tensor([L - 1]), cache)
+    assert len(graphs) == 2  # a new prompt length compiles nothing; a new batch size compiles once
+    for B, shapes in zip((1, 2), graphs):
+        buffers = [s for s in shapes if s[1] == model.args.n_kv_heads and s[3] == model.args.head_dim]  # K/V
+        assert len(buffers) == 2 * model.args.n_layers
+        assert all(isinstance(s[0], int) and s[0] == B and not isinstance(s[2], int) for s in buffers)

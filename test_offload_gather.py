@@ -45,6 +45,27 @@ def test_read_tokens_equals_calidrop(interpreter):
                        calidrop.read_tokens(x, rows, kv_heads, tokens * visible))
 
 
+def test_rows_not_asked_for_are_not_read():
+    """Index -1 (a pair that does not recompute, the empty slots of a last page): the kernel's load is masked,
+    so nothing crosses the link for it, and the row comes back 0. Counted on a source with no zero: the rows
+    that come back non-zero are exactly the rows asked for, with the source's values; the same without the
+    interpreter (a torch gather). Through read_tokens a pair whose tokens are all -1 reads nothing."""
+    src = torch.randn(40, 24, generator=torch.Generator().manual_seed(2)) + 10
+    index = torch.tensor([[3, -1, 7, -1], [-1, -1, -1, -1], [39, 0, -1, 5]])
+    for interpreted in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "1") if interpreted else mp.delenv("TRITON_INTERPRET", raising=False)
+            assert (offload_gather._kernel(src.device) is None) != interpreted
+            out = offload_gather.gather_rows(src, index)
+        read = out.ne(0).any(-1)
+        assert torch.equal(read, index >= 0) and int(read.sum()) == 5
+        assert torch.equal(out[read], src[index[index >= 0]])
+    x = src.view(2, 2, 10, 24)
+    tokens = torch.tensor([[0, 9, -1], [-1, -1, -1]])  # the second pair is not needed
+    out = offload_gather.read_tokens(x, torch.tensor([1, 0]), torch.tensor([0, 1]), tokens)
+    assert torch.equal(out.ne(0).any(-1), tokens >= 0) and torch.equal(out[0, :2], x[1, 0, [0, 9]])
+
+
 def test_op_traces_whole_under_compile(interpreter):
     """The custom op and its fake: one graph (fullgraph) around it, the same numbers as eager."""
     x = torch.randn(2, 2, 20, 8, generator=torch.Generator().manual_seed(1))

@@ -18,7 +18,7 @@ import calidrop
 import calidrop_pages
 import generate
 from conftest import cfg, query_at_cosine, random_tokens, teacher_force
-from model import decode_one_token, load_model
+from model import FullCache, decode_one_token, load_model
 
 N_LAYERS, HQ, HKV, D = 2, 4, 2, 16  # conftest.TINY
 L, BUDGET = 48, 16  # the prompt and what cfg keeps: 32 evicted tokens per (layer, sequence, KV head)
@@ -204,12 +204,13 @@ def test_capacity_recomputes_the_stalest_kv_heads_first(model):
     assert torch.equal(state.hist_q[0, 2:], q[0, 2:]) and torch.equal(state.hist_q[0, :2], old[0][0, :2])
 
 
-def compiled_equals_eager(model, step, config, tokens, length):
-    """Decode tokens[:, length:] from a prefill of tokens[:, :length], eagerly and with the compiled step:
-    the logits within 1e-5, the decisions and the tokens read equal. Returns the decision counts."""
+def compiled_equals_eager(model, step, config, tokens, length, store=lambda: None):
+    """Decode tokens[:, length:] from a prefill of tokens[:, :length], eagerly and with the compiled step
+    (store(): the offload store of each run, None for the default): the logits within 1e-5, the decisions and
+    the tokens read equal. Returns the decision counts."""
     runs = {}
     for name, fn in (("eager", decode_one_token), ("compiled", step)):
-        _, cache = generate.prefill_and_compress(model, tokens[:, :length], config, tokens.shape[1] - length)
+        _, cache = generate.prefill_and_compress(model, tokens[:, :length], config, tokens.shape[1] - length, store())
         logits = torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
                               for t in range(length, tokens.shape[1])], 1)
         runs[name] = logits, cache.counts, cache.reload_tokens
@@ -345,3 +346,68 @@ def test_compiled_dense_recompute_reads_the_store_in_place(model):
     config = cfg("snapkv", theta1=0.0, theta2=0.2, reload_pages=None)
     counts = compiled_equals_eager(model, step, config, random_tokens(2, L + 6, seed=11), L)
     assert counts[..., 1].sum() > 0
+
+
+class OffloadedStore(calidrop.OffloadStore):
+    """A store that says it lives off the compute's device (as the GPU's pinned host memory does) and counts
+    what is asked of it; getting a whole layer (every evicted token of every pair) is an error."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.device, self.tokens_asked = torch.device("meta"), 0
+
+    def read(self, layer, rows, kv_heads, tokens):
+        self.tokens_asked += int((tokens >= 0).sum())
+        return super().read(layer, rows, kv_heads, tokens)
+
+    def get(self, layer):
+        raise AssertionError("the whole offloaded store was read")
+
+
+def test_a_dense_recompute_reads_only_the_recomputing_pairs_of_an_offloaded_store(model):
+    """Compiled without a capacity, every pair is processed at every layer-step (static shapes); from an
+    offloaded store a dense recompute then asks only for the evicted tokens of the pairs that recompute (the
+    others' are -1: not read, no link bytes), never the whole store, and equals the eager step."""
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, backend="aot_eager")
+    stores = []
+    config = cfg("snapkv", theta1=0.0, theta2=0.2, reload_pages=None)
+    counts = compiled_equals_eager(model, step, config, random_tokens(2, L + 6, seed=11), L,
+                                   lambda: stores.append(OffloadedStore()) or stores[-1])
+    eager, compiled = stores
+    assert counts[..., 1].sum() > 0 and compiled.tokens_asked == eager.tokens_asked > 0
+
+
+class EmptyNeverRead(calidrop.OffloadStore):
+    """A store whose empty layers (nothing evicted) must never be read: on a GPU their 0 pinned bytes have no
+    pointer to view."""
+
+    def read(self, layer, *args):
+        assert self.k[layer].shape[2] > 0, "an empty evicted set was read"
+        return super().read(layer, *args)
+
+    def get(self, layer):
+        assert self.k[layer].shape[2] > 0, "an empty evicted set was read"
+        return super().get(layer)
+
+
+@pytest.mark.parametrize("method, kw, length", [("pyramidkv", {}, 24), ("snapkv", dict(calibration_size=0), L)])
+def test_an_empty_evicted_set_is_never_read(model, method, kw, length):
+    """PyramidKV at budget 16 keeps all 24 prompt tokens in layer 0 (its budget is 27) and compresses layer 1;
+    calibration_size 0 offloads nothing in any layer. Recomputing at every step, eager and compiled, a layer
+    with nothing evicted reads nothing and merges the empty set: the full cache's logits (PyramidKV, whose
+    layer 1 reads its evicted tokens) or plain eviction's (calibration_size 0)."""
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, backend="aot_eager")
+    tokens = random_tokens(2, length + 6, seed=3)
+    config = cfg(method, theta1=2.0, **kw)
+    compiled_equals_eager(model, step, config, tokens, length, lambda: EmptyNeverRead("cpu"))
+    _, cache = generate.prefill_and_compress(model, tokens[:, :length], config, 6, EmptyNeverRead("cpu"))
+    assert [s.evicted_len for s in cache.layers] == ([0, 24 - 5] if method == "pyramidkv" else [0, 0])
+    logits = teacher_force(model, cache, tokens, length)
+    if method == "pyramidkv":
+        expected = model(tokens, torch.arange(length + 6), FullCache(model.args, 2, length + 6))[:, length:]
+    else:
+        _, evict = generate.prefill_and_compress(model, tokens[:, :length], cfg(method, calibration=False), 6)
+        expected = teacher_force(model, evict, tokens, length)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)

@@ -136,14 +136,16 @@ class Steps:
     calidrop.py's recompute has shapes that do not depend on its decisions.
 
     The full cache's slot dimension changes with the prompt length: it is marked dynamic, so it is
-    symbolic from the first compile. A compressed cache's buffers are budget-sized and its prompt length
+    symbolic from the first compile; every other size stays static (dynamic=False), the batch size included
+    (a second batch size compiles again: a symbolic one makes FlexAttention's decode on CUDA fall back to
+    its general kernel). A compressed cache's buffers are budget-sized and its prompt length
     enters the step as a tensor (calidrop.py's slot_offset), so its step compiles once; but a recomputing
     step also holds the evicted store and sketch, whose length changes with the prompt: it compiles
     again per length, statically (dynamic=False), as generate.py --compile does (at 8k, a symbolic
     evicted length made CaliDrop's step 74.2 ms against 69.2 static)."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, backend="inductor"):
+        self.device, self.backend = device, backend  # backend: a test's recorder
         self._compiled = {}
         torch._dynamo.config.cache_size_limit = 256
         torch._dynamo.config.accumulated_cache_size_limit = 4096
@@ -156,7 +158,7 @@ class Steps:
         key = (full, cuda_graphs, recomputes)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(decode_one_token, mode="reduce-overhead" if cuda_graphs else None,
-                                                fullgraph=True, dynamic=None if full else False)
+                                                fullgraph=True, dynamic=False, backend=self.backend)
         compiled = self._compiled[key]
         if not full:
             return compiled
@@ -186,7 +188,7 @@ def prepare_for_cuda_graphs(cache):
     """Cache tensors are mutated in place every step: tell the compiler their addresses never change."""
     held = cache_tensors(cache)
     for t in (*held["kv"], *held["calibration"], *held["selection"], *held["other"]):
-        torch._dynamo.mark_static_address(t)
+        torch._dynamo.mark_static_address(t, guard=False)
 
 
 def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=False, cuda_graphs=False, forced=None):
@@ -214,7 +216,8 @@ def decode(step, model, shared, cache, n_new, device, warmup, track_reloads=Fals
         seen.append(logits[0].cpu())  # outside the timed region; a copy (a CUDA graph reuses its output)
         tokens.append(token)
         if forced is not None and i + 1 < forced.shape[1]:
-            token = forced[:, i + 1:i + 2].to(device)
+            # the strides of an argmax's (B, 1): a column of forced has forced's, and a compiled step guards on them
+            token = forced[:, i + 1:i + 2].to(device).clone(memory_format=torch.contiguous_format)
         pos += 1
         if track_reloads:  # outside the timed region: which layers recomputed (and reloaded) this step
             now = cache.counts[..., 1].sum((1, 2)).cpu()
@@ -280,7 +283,8 @@ def run_row(variant, mode, shared, model, steps, args, device, wbytes, bw, refer
     kv_read = nbytes(held["kv"]) + nbytes(held["calibration"])  # whole buffers: masked slots are read too
     row = {"length": shared.length, "batch": B, "row": variant.name, "mode": mode, "method": None,
            "variant": "full", "new_tokens": n_new, "prefill_s": shared.prefill_s + compress_s,
-           "compress_s": compress_s, **timing, "first_step_s": times[0], "decode_wall_s": decode_s,
+           "compress_s": compress_s, **timing, "first_step_s": times[0], "recompiles": sum(compiled[1:]),
+           "decode_wall_s": decode_s,
            "peak_memory_bytes": peak, "weight_bytes": wbytes,
            **{k: v for k, v in stats.items() if k != "decisions"}, "decisions": stats["decisions"],
            "bytes_check": check_bytes(cache, stats), "tokens": tokens}
