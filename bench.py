@@ -2,6 +2,7 @@
 with Hugging Face transformers' `generate` on the same checkpoint measured in the same run.
 
     python bench.py                                    # default model, 1k/1.5k/2k/4k/8k, snapkv + streamingllm @ 256
+    python bench.py --lengths 1.5k,8k --methods snapkv --json bench.json   # the table, and every row as JSON
     python bench.py --lengths 1k,8k --methods snapkv --no-compile
     python bench.py --device cuda --random-weights llama3-8b --lengths 1k,8k
 
@@ -331,7 +332,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, for every row (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="results/bench.json", help="write every row here")
+    p.add_argument("--json", metavar="FILE", help="write every row to FILE as JSON (without it: only the table, "
+                                                  "on stdout)")
     return p.parse_args(argv)
 
 

@@ -1,8 +1,8 @@
 """Long-context evaluation of KV-cache eviction and CaliDrop: one CLI, fixed settings, every method run
 the same way (in the spirit of LOOM-Scope).
 
-    python evaluate.py                                # the whole default grid -> results/
-    python evaluate.py --task ppl --methods snapkv --budgets 64,128 --out results/ppl
+    python evaluate.py --out /tmp/grid                # the whole default grid
+    python evaluate.py --task ppl --methods snapkv --budgets 64,128 --out /tmp/ppl
     python evaluate.py --quick --out /tmp/quick       # a small slice of every task: ~2.5 min on 2 cores
 
 Tasks:
@@ -22,8 +22,8 @@ and, for tests, recompute-all (theta1 > 1: exact every step). The full cache is 
 
 One full-cache prefill per text serves every method, budget and variant; the variants of one
 (method, budget) are rows of one cache (a theta2 per row) and several caches decode as one batch, so the
-weights are read once per step for all of them. Progress goes to stderr; --out DIR gets results.json,
-results.md and a PNG per task.
+weights are read once per step for all of them. Progress goes to stderr; --out DIR (required: nothing is
+written unless asked where) gets results.json, results.md and a PNG per task.
 
 This file is the command line; the work is in evaluation/: data.py (text, segments, retrieval prompts),
 variants.py (the variant grid and its shared caches), one module per task (ppl.py, frontier.py,
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--seed", type=int, default=0, help="keys, names and needle places of the retrieval tasks")
-    p.add_argument("--out", default="results", help="directory for results.json, results.md and the plots")
+    p.add_argument("--out", metavar="DIR", help="where to write results.json, results.md and the plots (required)")
     p.add_argument("--quick", action="store_true", help="a small slice of every task (the test runs it)")
     p.add_argument("--theta1", type=float, default=0.7,
                    help="recompute when cos(q, hist_q) < theta1; > 1: at every step, <= -1: never")
@@ -110,6 +110,8 @@ def parse_list(value, kind, choices=None, name=""):
 def check_args(args):
     """Fill the defaults (whole grid or --quick) and reject bad input before any heavy work.
     Returns (tasks, device, dtype)."""
+    if args.out is None:
+        raise UsageError("give --out DIR: where to write results.json, results.md and the plots")
     defaults = QUICK if args.quick else FULL
     tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier", "ruler"), "task")
     args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
