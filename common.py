@@ -120,13 +120,13 @@ CKPT_HELP = ("a checkpoint directory, or one of the real models by name, prepare
 
 def resolve_checkpoint(ckpt):
     """The given directory; or a model of scripts/models.py by name (None: the default, smollm2-135m),
-    downloaded and converted on first use."""
+    downloaded and converted on first use. Neither: a CheckpointError that lists the names."""
     if ckpt is not None and Path(ckpt).is_dir():
         return Path(ckpt)
     from scripts.models import MODELS  # gguf, numpy: only to prepare a model
     name = ckpt or "smollm2-135m"
     if name not in MODELS:
-        return Path(ckpt)  # the loader says what is wrong with it
+        raise CheckpointError(f"checkpoint directory not found: {ckpt} (known models: {', '.join(MODELS)})")
     try:
         return MODELS[name].prepare()
     except RuntimeError as e:

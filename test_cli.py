@@ -78,6 +78,8 @@ def test_stops_at_end_of_sequence(tmp_path):
 
 BAD_INPUTS = {
     "missing directory": (["--ckpt", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
+    "unknown model name": (["--ckpt", "smollm2", "--prompt", "hi"],
+                           "checkpoint directory not found: smollm2 (known models: smollm2-135m, qwen2.5-coder-0.5b)"),
     "missing tokenizer": (["--ckpt", "{no_tok}", "--prompt", "hi"], "tokenizer.json"),
     "not a llama": (["--ckpt", "{gpt2}", "--prompt", "hi"], "not a Llama-family decoder"),
     "prompt too long": (["--ckpt", "{ckpt}", "--prompt", "x" * 600], "longer than the model's context"),

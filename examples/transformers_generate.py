@@ -51,9 +51,8 @@ def parse_args(argv=None):
 
 
 def context_length(ckpt):
-    """The checkpoint's context length, from its config.json, read by transformers."""
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    """The checkpoint's context length, from its config.json, read by transformers (ckpt: a directory, as
+    resolve_checkpoint gives it)."""
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"no config.json in {ckpt}")
     try:
