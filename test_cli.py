@@ -1,5 +1,6 @@
-"""generate.py as a user runs it: a subprocess on the tiny checkpoint."""
+"""generate.py as a user runs it: a subprocess on the tiny checkpoint; and the --help of every command line."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,25 @@ def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, truncated_ckpt, tmp_pa
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("script, flag", [
+    ("generate.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
+    ("examples/transformers_generate.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
+    ("bench.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
+    ("evaluate.py", "--window WINDOW SnapKV observation window (default: 32)"),
+])
+def test_help_shows_the_defaults(script, flag):
+    """--help gives each flag's default once, after its help, and nothing for the flags with none (None, False, [])."""
+    result = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True,
+                            timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # as argparse wraps it at any width
+    assert flag in text
+    assert "--reload-pages RELOAD_PAGES" in text and text.count("(default: auto)") == 2  # with --device's
+    for noise in ("(default: None)", "(default: False)", "(default: [])"):
+        assert noise not in text, noise
+    assert not re.search(r"\(default[^)]*\) \(default", text)  # a hand-written default and argparse's
 
 
 def test_several_prompts_are_one_padded_batch(tiny_ckpt, tmp_path):
