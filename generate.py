@@ -311,10 +311,17 @@ def finish(args, ckpt, config, model, cache, device, dtype, prompt_len, prefill_
 
 
 def run_settings(args, ckpt, config, cache, device, dtype):
-    """What a run was asked for, as every stats file records it."""
+    """What a run was asked for, as every stats file records it; the quantization settings only where they
+    quantize (--kv-bits counts only for --kv-quant and --offload-quant ott)."""
+    quantization = {}
+    if args.kv_quant != "none":
+        quantization.update(kv_quant=args.kv_quant, kv_bits=args.kv_bits)
+    if args.offload_quant != "none":
+        quantization["offload_quant"] = args.offload_quant
+        if args.offload_quant == "ott":
+            quantization["kv_bits"] = args.kv_bits
     return {"ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
-            "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
-            "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
+            "compressed": isinstance(cache, calidrop.CaliDropCache), **quantization,
             "calibration": config is not None and config.calibration, "theta1": args.theta1, "theta2": args.theta2,
             "device": str(device), "dtype": str(dtype), "compile": args.compile}
 

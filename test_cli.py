@@ -121,6 +121,21 @@ def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, truncated_ckpt, tmp_pa
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, quantization", [
+    ([], {}),
+    (["--method", "full", "--kv-quant", "kivi"], {"kv_quant": "kivi", "kv_bits": 2}),
+    (["--offload-quant", "int8"], {"offload_quant": "int8"}),
+    (["--offload-quant", "ott", "--kv-bits", "4"], {"offload_quant": "ott", "kv_bits": 4}),
+])
+def test_stats_carry_quantization_settings_only_when_quantizing(flags, quantization, tiny_ckpt, tmp_path):
+    out = tmp_path / "stats.json"
+    result = run_cli("--ckpt", tiny_ckpt, "--prompt", "the quick brown fox jumps over the lazy dog " * 2,
+                     "--budget", 24, "--window", 8, "--sink", 4, "--max-new-tokens", 3, *flags, "--stats-json", out)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(out.read_text())
+    assert {k: stats[k] for k in ("kv_quant", "kv_bits", "offload_quant") if k in stats} == quantization
+
+
 @pytest.mark.parametrize("script, flag", [
     ("generate.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
     ("examples/transformers_generate.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
