@@ -2,6 +2,7 @@
 with Hugging Face transformers' `generate` on the same checkpoint measured in the same run.
 
     python bench.py                                    # default model, 1k/1.5k/2k/4k/8k, snapkv + streamingllm @ 256
+    python bench.py --lengths 1.5k,8k --methods snapkv --json bench.json   # the table, and every row as JSON
     python bench.py --lengths 1k,8k --methods snapkv --no-compile
     python bench.py --device cuda --random-weights llama3-8b --lengths 1k,8k
 
@@ -62,8 +63,8 @@ import torch
 
 import calidrop
 from benchmark.rows import COMPILE_TOLERANCE_EPS, Steps, make_variants, peer_row, run_row, shared_prefill
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, kjv_verses, kv_bytes_per_token, log,
-                    resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
+from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_args, kjv_verses,
+                    kv_bytes_per_token, log, resolve_checkpoint, resolve_device, run_cli, synchronize, weight_bytes)
 from model import CheckpointError, ModelArgs, RANDOM_CONFIGS, load_model, random_model, read_config
 
 MB = 1e6  # decimal, like GB/s
@@ -300,7 +301,7 @@ def targets(rows, args, variants, lengths):
 # --------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--random-weights", metavar="CONFIG",
                    help=f"random weights at a real shape: a config.json path or {', '.join(RANDOM_CONFIGS)}")
@@ -308,11 +309,11 @@ def parse_args(argv=None):
                    help="KJV text (default with a checkpoint) or random token ids (default with --random-weights)")
     p.add_argument("--lengths", default="1k,1.5k,2k,4k,8k", help="prompt lengths, e.g. 1k,1.5k,8k or 700")
     p.add_argument("--methods", default="snapkv,streamingllm", help="comma-separated: " + ", ".join(calidrop.METHODS))
-    p.add_argument("--budget", type=int, default=256)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--sink", type=int, default=32)
-    p.add_argument("--theta1", type=float, default=0.7)
-    p.add_argument("--theta2", type=float, default=0.85)
+    p.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
+    p.add_argument("--window", type=int, default=32, help="SnapKV observation window")
+    p.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    p.add_argument("--theta1", type=float, default=0.7, help="CaliDrop's row: recompute when cos(q, hist_q) < theta1")
+    p.add_argument("--theta2", type=float, default=0.85, help="CaliDrop's row: calibrate when cos(q, hist_q) > theta2")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per eager row (fixed count)")
     p.add_argument("--compile-new-tokens", type=int, default=32,
                    help="tokens generated per compiled row (the compile costs are paid in warm-up)")
@@ -330,8 +331,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, for every row (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="results/bench.json", help="write every row here")
+    p.add_argument("--seed", type=int, default=0, help="of the random prompts and weights")
+    p.add_argument("--json", metavar="FILE", help="write every row to FILE as JSON (without it: only the table, "
+                                                  "on stdout)")
     return p.parse_args(argv)
 
 

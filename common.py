@@ -21,6 +21,16 @@ class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written (its example commands keep their lines) and each flag's default,
+    except where there is none to show: None, False (a switch) and [] (a repeatable flag) are left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
@@ -59,10 +69,8 @@ def add_reload_args(parser, pages_help="pages of evicted tokens a recompute read
     """--reload-pages, --page-size, --reload-capacity: which evicted pages a recompute reads (CaliDropConfig's
     defaults), the same in every CLI."""
     config = calidrop.CaliDropConfig
-    parser.add_argument("--reload-pages", type=pages_or_auto, default=config.reload_pages,
-                        help=f"{pages_help} (default %(default)s)")
-    parser.add_argument("--page-size", type=int, default=config.page_size,
-                        help="evicted tokens per page (default %(default)s)")
+    parser.add_argument("--reload-pages", type=pages_or_auto, default=config.reload_pages, help=pages_help)
+    parser.add_argument("--page-size", type=int, default=config.page_size, help="evicted tokens per page")
     parser.add_argument("--reload-capacity", type=count_or_all, default=config.reload_capacity,
                         help="(sequence, KV head) pairs per layer-step that may recompute, shared by the batch, "
                              "or all (default)")
@@ -120,13 +128,13 @@ CKPT_HELP = ("a checkpoint directory, or one of the real models by name, prepare
 
 def resolve_checkpoint(ckpt):
     """The given directory; or a model of scripts/models.py by name (None: the default, smollm2-135m),
-    downloaded and converted on first use."""
+    downloaded and converted on first use. Neither: a CheckpointError that lists the names."""
     if ckpt is not None and Path(ckpt).is_dir():
         return Path(ckpt)
     from scripts.models import MODELS  # gguf, numpy: only to prepare a model
     name = ckpt or "smollm2-135m"
     if name not in MODELS:
-        return Path(ckpt)  # the loader says what is wrong with it
+        raise CheckpointError(f"checkpoint directory not found: {ckpt} (known models: {', '.join(MODELS)})")
     try:
         return MODELS[name].prepare()
     except RuntimeError as e:

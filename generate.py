@@ -16,9 +16,9 @@ import torch
 
 import calidrop
 import ott
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, bytes_read_per_token, cache_stats,
-                    checked_config, compiled_graphs, log, offload_store, resolve_checkpoint, resolve_device, run_cli,
-                    synchronize, weight_bytes)
+from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_args, bytes_read_per_token,
+                    cache_stats, checked_config, compiled_graphs, log, offload_store, resolve_checkpoint, resolve_device,
+                    run_cli, synchronize, weight_bytes)
 from model import FullCache, decode_one_token, load_model, prefill, read_config
 
 
@@ -85,16 +85,16 @@ def sample(logits, temperature, top_k, generator):
 # ---------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--prompt", action="append", default=[],
                    help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
     p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most: fewer where a stop token comes")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -115,7 +115,7 @@ def parse_args(argv=None):
     add_reload_args(g)
     q = p.add_argument_group("KV-cache quantization (ott.py)")
     q.add_argument("--kv-quant", default="none", help="none, kivi, ott: quantize the whole cache (--method full)")
-    q.add_argument("--kv-bits", default="2", help="2 (default), 4, 8, or 16 / none (no quantization)")
+    q.add_argument("--kv-bits", default="2", help="2, 4, 8, or 16 / none (no quantization)")
     q.add_argument("--outliers", type=int, default=3, help="OTT's full-precision outlier tokens per KV head")
     q.add_argument("--group", type=int, default=128, help="tokens per quantization group (keys per channel)")
     q.add_argument("--residual", type=int, default=32, help="recent tokens kept in full precision")
@@ -311,10 +311,17 @@ def finish(args, ckpt, config, model, cache, device, dtype, prompt_len, prefill_
 
 
 def run_settings(args, ckpt, config, cache, device, dtype):
-    """What a run was asked for, as every stats file records it."""
+    """What a run was asked for, as every stats file records it; the quantization settings only where they
+    quantize (--kv-bits counts only for --kv-quant and --offload-quant ott)."""
+    quantization = {}
+    if args.kv_quant != "none":
+        quantization.update(kv_quant=args.kv_quant, kv_bits=args.kv_bits)
+    if args.offload_quant != "none":
+        quantization["offload_quant"] = args.offload_quant
+        if args.offload_quant == "ott":
+            quantization["kv_bits"] = args.kv_bits
     return {"ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
-            "compressed": isinstance(cache, calidrop.CaliDropCache), "kv_quant": args.kv_quant,
-            "kv_bits": args.kv_bits, "offload_quant": args.offload_quant,
+            "compressed": isinstance(cache, calidrop.CaliDropCache), **quantization,
             "calibration": config is not None and config.calibration, "theta1": args.theta1, "theta2": args.theta2,
             "device": str(device), "dtype": str(dtype), "compile": args.compile}
 

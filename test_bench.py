@@ -2,6 +2,8 @@
 and what the shapes give, a compressed cache stays budget-sized whatever the prompt length, the timings
 are consistent with each other, and the full row's greedy tokens equal greedy decoding by full forward
 passes."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,6 +52,21 @@ def test_bench_rows_on_the_tiny_model(tiny_ckpt, tmp_path):
             logits = model(tokens, torch.arange(tokens.shape[1]), FullCache(model.args, 1, tokens.shape[1]))
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
     assert rows[80, "full"]["tokens"] == tokens[0, 80:].tolist()
+
+
+def test_without_json_it_writes_nothing(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Without --json bench.py prints its table and writes no file: the results where it runs (here a copy of
+    the repository's results/bench.json) stay as they were."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    committed = (Path(__file__).parent / "results" / "bench.json").read_bytes()
+    (tmp_path / "results" / "bench.json").write_bytes(committed)
+    out = bench.run(bench.parse_args(["--ckpt", str(tiny_ckpt), "--prompt", "random", "--lengths", "48",
+                                      "--methods", "snapkv", "--budget", "16", "--window", "4", "--sink", "4",
+                                      "--no-compile", "--no-peer", "--new-tokens", "3", "--warmup", "1"]))
+    assert out["rows"] and "snapkv calidrop 0.7/0.85" in capsys.readouterr().out  # it ran and printed its rows
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("results"), Path("results/bench.json")]
+    assert (tmp_path / "results" / "bench.json").read_bytes() == committed
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,5 +1,6 @@
-"""generate.py as a user runs it: a subprocess on the tiny checkpoint."""
+"""generate.py as a user runs it: a subprocess on the tiny checkpoint; and the --help of every command line."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,8 @@ def test_stops_at_end_of_sequence(tmp_path):
 
 BAD_INPUTS = {
     "missing directory": (["--ckpt", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
+    "unknown model name": (["--ckpt", "smollm2", "--prompt", "hi"],
+                           "checkpoint directory not found: smollm2 (known models: smollm2-135m, qwen2.5-coder-0.5b)"),
     "missing tokenizer": (["--ckpt", "{no_tok}", "--prompt", "hi"], "tokenizer.json"),
     "not a llama": (["--ckpt", "{gpt2}", "--prompt", "hi"], "not a Llama-family decoder"),
     "prompt too long": (["--ckpt", "{ckpt}", "--prompt", "x" * 600], "longer than the model's context"),
@@ -116,6 +119,40 @@ def test_bad_input_exits_2_with_one_line(case, tiny_ckpt, truncated_ckpt, tmp_pa
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, quantization", [
+    ([], {}),
+    (["--method", "full", "--kv-quant", "kivi"], {"kv_quant": "kivi", "kv_bits": 2}),
+    (["--offload-quant", "int8"], {"offload_quant": "int8"}),
+    (["--offload-quant", "ott", "--kv-bits", "4"], {"offload_quant": "ott", "kv_bits": 4}),
+])
+def test_stats_carry_quantization_settings_only_when_quantizing(flags, quantization, tiny_ckpt, tmp_path):
+    out = tmp_path / "stats.json"
+    result = run_cli("--ckpt", tiny_ckpt, "--prompt", "the quick brown fox jumps over the lazy dog " * 2,
+                     "--budget", 24, "--window", 8, "--sink", 4, "--max-new-tokens", 3, *flags, "--stats-json", out)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(out.read_text())
+    assert {k: stats[k] for k in ("kv_quant", "kv_bits", "offload_quant") if k in stats} == quantization
+
+
+@pytest.mark.parametrize("script, flag", [
+    ("generate.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
+    ("examples/transformers_generate.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
+    ("bench.py", "--budget BUDGET prompt tokens kept per layer and KV head (default: 256)"),
+    ("evaluate.py", "--window WINDOW SnapKV observation window (default: 32)"),
+])
+def test_help_shows_the_defaults(script, flag):
+    """--help gives each flag's default once, after its help, and nothing for the flags with none (None, False, [])."""
+    result = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True,
+                            timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # as argparse wraps it at any width
+    assert flag in text
+    assert "--reload-pages RELOAD_PAGES" in text and text.count("(default: auto)") == 2  # with --device's
+    for noise in ("(default: None)", "(default: False)", "(default: [])"):
+        assert noise not in text, noise
+    assert not re.search(r"\(default[^)]*\) \(default", text)  # a hand-written default and argparse's
 
 
 def test_several_prompts_are_one_padded_batch(tiny_ckpt, tmp_path):

@@ -54,20 +54,36 @@ def small_text(tmp_path_factory):
     (["--ckpt", "{truncated}", "--lengths", "300", "--context", "192"], "unreadable weight file"),
     (["--task", "passkey", "--lengths", "40", "--context", "192"], "cannot hold"),
 ])
-def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ckpt, capsys):
+def test_bad_input_exits_2_with_one_line(flags, message, tiny_ckpt, truncated_ckpt, tmp_path, capsys):
     flags = [f.format(truncated=truncated_ckpt) for f in flags]
     with pytest.raises(SystemExit) as exit:
-        evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), *flags])
+        evaluate.main(["--quick", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path), *flags])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and message in err
 
 
+def test_without_out_it_writes_nothing(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """No default output directory: without --out, evaluate.py stops before any work and leaves the results
+    where it runs (here a copy of the repository's results.json) as they were."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    committed = (ROOT / "results" / "results.json").read_bytes()
+    (tmp_path / "results" / "results.json").write_bytes(committed)
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--quick", "--ckpt", str(tiny_ckpt)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: give --out DIR: where to write results.json, results.md and the plots\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("results"), Path("results/results.json")]
+    assert (tmp_path / "results" / "results.json").read_bytes() == committed
+
+
 @pytest.mark.parametrize("theta1, theta2", [(2.0, 0.5), (-3.0, 0.5), (0.7, 2.0), (-1.0, -1.0)])
-def test_threshold_extremes_are_valid(theta1, theta2):
+def test_threshold_extremes_are_valid(theta1, theta2, tmp_path):
     """The extremes by which a user checks exactness: recompute every step (theta1 > 1, whatever theta2),
     never recompute (theta1 <= -1), never calibrate (theta2 > 1): the same rule as generate.py's."""
-    evaluate.check_args(evaluate.parse_args(["--theta1", str(theta1), "--theta2", str(theta2)]))
+    evaluate.check_args(evaluate.parse_args(["--theta1", str(theta1), "--theta2", str(theta2), "--out", str(tmp_path)]))
 
 
 @pytest.mark.parametrize("method, capacity", [("snapkv", None), ("h2o", None), ("snapkv", 1)])
@@ -110,13 +126,13 @@ def test_variants_as_rows_equal_each_variant_alone(tiny_ckpt, method, capacity):
             assert stats["kv_bytes_selection"] == own["kv_bytes_selection"] / 2, variant
 
 
-def test_ppl_reference_and_kl_against_independent_computations(tiny_ckpt, small_text):
+def test_ppl_reference_and_kl_against_independent_computations(tiny_ckpt, small_text, tmp_path):
     """The ppl task's reference is the full model's next-token distribution (one forward pass over each
     segment), its NLL is that of the true next tokens, and a variant's KL is KL(P_full || P_variant) as
     torch's kl_div computes it (the order matters: KL is not symmetric)."""
     model, codec = load_model(tiny_ckpt), TextCodec(tiny_ckpt)
     args = evaluate.parse_args(["--ckpt", str(tiny_ckpt), "--text-file", str(small_text), "--segments", "2",
-                                "--context", "64", "--new-tokens", "8"])
+                                "--context", "64", "--new-tokens", "8", "--out", str(tmp_path)])
     evaluate.check_args(args)
     C, M = 64, 8
     with torch.inference_mode():

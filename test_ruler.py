@@ -97,13 +97,14 @@ def test_scorer_is_rulers_string_match_all(tiny_ckpt):
     assert judged == {"score": 0.5, "output": "1234567."}  # what follows the stop token does not count
 
 
-def test_too_short_a_prompt_exits_2(tiny_ckpt, capsys):
+def test_too_short_a_prompt_exits_2(tiny_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         evaluate.main(["--task", "ruler", "--ruler-tasks", "cwe", "--lengths", "300", "--context", "192",
-                       "--ckpt", str(tiny_ckpt)])
+                       "--ckpt", str(tiny_ckpt), "--out", str(tmp_path)])
     assert exit.value.code == 2 and "cannot hold" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit:
-        evaluate.main(["--task", "ruler", "--ruler-tasks", "niah_single,sudoku", "--ckpt", str(tiny_ckpt)])
+        evaluate.main(["--task", "ruler", "--ruler-tasks", "niah_single,sudoku", "--ckpt", str(tiny_ckpt),
+                       "--out", str(tmp_path)])
     assert exit.value.code == 2 and "unknown ruler task sudoku" in capsys.readouterr().err
 
 

@@ -524,6 +524,8 @@ def test_cli_several_prompts_equal_generate_py(tiny_ckpt, tmp_path):
 
 BAD_INPUTS = {  # test_cli.py's cases, for this CLI
     "missing directory": (["--ckpt", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
+    "unknown model name": (["--ckpt", "smollm2", "--prompt", "hi"],
+                           "checkpoint directory not found: smollm2 (known models: smollm2-135m, qwen2.5-coder-0.5b)"),
     "missing tokenizer": (["--ckpt", "{no_tok}", "--prompt", "hi"], "tokenizer.json"),
     "not a transformers model": (["--ckpt", "{unknown}", "--prompt", "hi"], "bad config.json"),
     "sliding window": (["--ckpt", "{sliding}", "--prompt", "hi", "--method", "full", "--max-new-tokens", "20"],

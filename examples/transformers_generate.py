@@ -20,19 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # generate.py, 
 import calidrop  # noqa: E402
 import generate as cli  # noqa: E402
 import transformers_calidrop as tc  # noqa: E402  (this directory)
-from common import (CKPT_HELP, TextCodec, UsageError, add_reload_args, log, resolve_checkpoint,  # noqa: E402
-                    run_cli, synchronize)
+from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_args, log,  # noqa: E402
+                    resolve_checkpoint, run_cli, synchronize)
 from model import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--prompt", action="append", default=[],
                    help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
     p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most: fewer where a stop token comes")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--stats-json", help="write the run's numbers to this file as one JSON object")
@@ -51,9 +51,8 @@ def parse_args(argv=None):
 
 
 def context_length(ckpt):
-    """The checkpoint's context length, from its config.json, read by transformers."""
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    """The checkpoint's context length, from its config.json, read by transformers (ckpt: a directory, as
+    resolve_checkpoint gives it)."""
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"no config.json in {ckpt}")
     try:
