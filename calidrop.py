@@ -480,7 +480,7 @@ class CaliDropCache:
             out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
             out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
             lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
-            self.reload_tokens[layer].view(-1).index_add_(0, rows * Hkv + kv_heads, visible.sum(-1))
+            self.reload_tokens[layer].view(-1)[rows * Hkv + kv_heads] += visible.sum(-1)  # the pairs are distinct
         # in place: a CUDA graph replays into the buffers it was recorded with
         state.hist_q.copy_(torch.where(recompute[..., None], q, state.hist_q))
         state.hist_out.copy_(torch.where(recompute[..., None], out, state.hist_out))

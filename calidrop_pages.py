@@ -196,7 +196,7 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     mean_keys = rotate(sketch.page_coords[rows, kv_heads] @ basis, sketch.page_positions[rows, kv_heads], inv_freq)
     count = page_counts(E, page_size, q.device, lens)  # (P,) or (n, P): 0 for a padded pair's empty pages
     coarse = q @ mean_keys.transpose(-1, -2) + count.log().unsqueeze(-2)  # (n, G, P): estimated log-mass of each page
-    shortlist = page_weights(coarse, lse_kept, heads).topk(shortlist_size(n_pages, P), dim=-1).indices  # (n, M)
+    shortlist = page_weights(coarse, lse_kept, heads).topk(shortlist_size(n_pages, P), sorted=False).indices  # (n, M)
 
     tokens, visible = page_tokens(shortlist, page_size, E, lens)  # (n, M x page_size)
     scale = sketch.scale[rows, kv_heads]  # (n, 1, r)
@@ -205,7 +205,7 @@ def top_pages(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, page_
     keys = rotate(coords @ basis, positions.gather(1, tokens), inv_freq)
     logits = (q @ keys.transpose(-1, -2)).masked_fill(~visible[:, None], float("-inf"))
     fine = logits.unflatten(-1, (-1, page_size)).logsumexp(-1)  # (n, G, M): the shortlist, token by token
-    best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), dim=-1).indices  # (n, N) of the M
+    best = page_weights(fine, lse_kept, heads).topk(min(n_pages, P), sorted=False).indices  # (n, N) of the M
     return page_tokens(shortlist.gather(1, best), page_size, E, lens)
 
 

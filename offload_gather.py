@@ -42,16 +42,20 @@ import calidrop
 BLOCK_ROWS = 8  # rows per program: small, so that many programs (and loads) are in flight
 
 
-def _gather_rows(src, index, out, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[i] = src[index[i]] for i < n_rows, 0 where index[i] < 0 (not read: nothing crosses the link); src
-    (N, D) and out (n_rows, D) contiguous, index int64."""
+def _gather_rows(k_src, v_src, index, k_out, v_out, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """k_out[i], v_out[i] = k_src[index[i]], v_src[index[i]] for i < n_rows, 0 where index[i] < 0 (not read:
+    nothing crosses the link); K and V in one launch, the index loaded once. k_src, v_src (N, D) and k_out,
+    v_out (n_rows, D) contiguous, index int64."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     live = rows < n_rows
     where = tl.load(index + rows, mask=live, other=-1)  # int64: the store can hold > 2^31 values
     columns = cols[None, :] < D
-    x = tl.load(src + where[:, None] * D + cols[None, :], mask=(where >= 0)[:, None] & columns, other=0.0)
-    tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :], x, mask=live[:, None] & columns)
+    src, read = where[:, None] * D + cols[None, :], (where >= 0)[:, None] & columns
+    out, written = rows.to(tl.int64)[:, None] * D + cols[None, :], live[:, None] & columns
+    tl.store(k_out + out, tl.load(k_src + src, mask=read, other=0.0), mask=written)
+    tl.store(v_out + out, tl.load(v_src + src, mask=read, other=0.0), mask=written)
 
 
 _compiled = triton.jit(_gather_rows)
@@ -73,34 +77,35 @@ def _kernel(device):
 
 
 @torch.library.custom_op("calidrop::gather_rows", mutates_args=())
-def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """src (N, D), index (...) int64 on src's device -> src[index] (..., D), read by the device itself; rows
-    of index < 0 are not read and come back 0."""
-    N, D = src.shape
-    out = torch.empty(*index.shape, D, dtype=src.dtype, device=index.device)
-    kernel = _kernel(src.device)
+def gather_rows(k_src: torch.Tensor, v_src: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k_src, v_src (N, D), index (...) int64 on their device -> k_src[index], v_src[index] (..., D) each, read by
+    the device itself; rows of index < 0 are not read and come back 0."""
+    N, D = k_src.shape
+    k_out, v_out = (torch.empty(*index.shape, D, dtype=x.dtype, device=index.device) for x in (k_src, v_src))
+    kernel = _kernel(k_src.device)
     if kernel is None:
-        rows = src.index_select(0, index.flatten().clamp(min=0)).view_as(out)
-        return out.copy_(rows.masked_fill(index[..., None] < 0, 0))
-    if index.numel():
-        src, index = src.contiguous(), index.contiguous()
+        for src, out in ((k_src, k_out), (v_src, v_out)):
+            rows = src.index_select(0, index.flatten().clamp(min=0)).view_as(out)
+            out.copy_(rows.masked_fill(index[..., None] < 0, 0))
+    elif index.numel():
         grid = (triton.cdiv(index.numel(), BLOCK_ROWS),)
-        kernel[grid](src, index, out, index.numel(), D, BLOCK_ROWS, triton.next_power_of_2(D))
-    return out
+        kernel[grid](k_src.contiguous(), v_src.contiguous(), index.contiguous(), k_out, v_out, index.numel(), D,
+                     BLOCK_ROWS, triton.next_power_of_2(D))
+    return k_out, v_out
 
 
 @gather_rows.register_fake
-def _(src, index):
-    return torch.empty(*index.shape, src.shape[1], dtype=src.dtype, device=index.device)
+def _(k_src, v_src, index):
+    return tuple(torch.empty(*index.shape, k_src.shape[1], dtype=x.dtype, device=index.device) for x in (k_src, v_src))
 
 
-def read_tokens(x, rows, kv_heads, tokens):
-    """calidrop.read_tokens for a store the device can read (a CUDA view of pinned memory, or any tensor on
-    the indices' device): x (B, Hkv, E, D) -> x[rows[i], kv_heads[i], tokens[i]] (n, S, D); a token -1 is
-    not read (its row comes back 0)."""
-    B, Hkv, E, D = x.shape
-    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).masked_fill(tokens < 0, -1)  # (n, S) rows of x (-1, D)
-    return gather_rows(x.view(-1, D), flat)
+def read_tokens(k, v, rows, kv_heads, tokens):
+    """calidrop.read_tokens of K and V at once, for a store the device can read (a CUDA view of pinned memory, or
+    any tensor on the indices' device): k, v (B, Hkv, E, D) -> k, v[rows[i], kv_heads[i], tokens[i]] (n, S, D);
+    a token -1 is not read (its row comes back 0)."""
+    B, Hkv, E, D = k.shape
+    flat = ((rows * Hkv + kv_heads)[:, None] * E + tokens).masked_fill(tokens < 0, -1)  # (n, S) rows of k (-1, D)
+    return gather_rows(k.view(-1, D), v.view(-1, D), flat)
 
 
 class _HostArray:
@@ -144,7 +149,7 @@ class DeviceReadStore(calidrop.OffloadStore):
     def read(self, layer, rows, kv_heads, tokens):
         if layer not in self.on_gpu:
             return super().read(layer, rows, kv_heads, tokens)
-        return tuple(read_tokens(x, rows, kv_heads, tokens) for x in self.on_gpu[layer])
+        return read_tokens(*self.on_gpu[layer], rows, kv_heads, tokens)
 
     def get(self, layer):
         return self.on_gpu.get(layer) or super().get(layer)

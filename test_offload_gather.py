@@ -26,12 +26,12 @@ def interpreter(monkeypatch):
 def test_kernel_equals_torch_gather(interpreter, dtype, D):
     """Odd shapes (rows not a multiple of the block, D not a power of 2), repeated and unsorted indices."""
     g = torch.Generator().manual_seed(D)
-    src = torch.randn(37, D, generator=g).to(dtype)
+    k, v = torch.randn(37, D, generator=g).to(dtype), torch.randn(37, D, generator=g).to(dtype)
     for index in (torch.tensor([[5, 3, 3, 36, 0], [1, 1, 2, 9, 8]]), torch.randint(0, 37, (3, 7, 11), generator=g),
                   torch.tensor([36]), torch.zeros(2, 0, dtype=torch.long)):
-        out = offload_gather.gather_rows(src, index)
-        assert out.shape == (*index.shape, D) and out.dtype == dtype
-        assert torch.equal(out, src[index])
+        k_out, v_out = offload_gather.gather_rows(k, v, index)
+        assert k_out.shape == v_out.shape == (*index.shape, D) and k_out.dtype == dtype
+        assert torch.equal(k_out, k[index]) and torch.equal(v_out, v[index])
 
 
 def test_read_tokens_equals_calidrop(interpreter):
@@ -41,8 +41,8 @@ def test_read_tokens_equals_calidrop(interpreter):
     rows, kv_heads = torch.tensor([1, 0, 1, 0]), torch.tensor([2, 2, 0, 1])
     pages = torch.randint(0, 4, (4, 3), generator=g)  # pages of 16 tokens, the last one partial
     tokens, visible = calidrop_pages.page_tokens(pages, 16, 53)
-    assert torch.equal(offload_gather.read_tokens(x, rows, kv_heads, tokens * visible),
-                       calidrop.read_tokens(x, rows, kv_heads, tokens * visible))
+    k, v = offload_gather.read_tokens(x, -x, rows, kv_heads, tokens * visible)
+    assert torch.equal(k, calidrop.read_tokens(x, rows, kv_heads, tokens * visible)) and torch.equal(v, -k)
 
 
 def test_rows_not_asked_for_are_not_read():
@@ -56,14 +56,15 @@ def test_rows_not_asked_for_are_not_read():
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("TRITON_INTERPRET", "1") if interpreted else mp.delenv("TRITON_INTERPRET", raising=False)
             assert (offload_gather._kernel(src.device) is None) != interpreted
-            out = offload_gather.gather_rows(src, index)
-        read = out.ne(0).any(-1)
-        assert torch.equal(read, index >= 0) and int(read.sum()) == 5
-        assert torch.equal(out[read], src[index[index >= 0]])
+            k, v = offload_gather.gather_rows(src, -src, index)
+        for out, sign in ((k, 1), (v, -1)):
+            read = out.ne(0).any(-1)
+            assert torch.equal(read, index >= 0) and int(read.sum()) == 5
+            assert torch.equal(out[read], sign * src[index[index >= 0]])
     x = src.view(2, 2, 10, 24)
     tokens = torch.tensor([[0, 9, -1], [-1, -1, -1]])  # the second pair is not needed
-    out = offload_gather.read_tokens(x, torch.tensor([1, 0]), torch.tensor([0, 1]), tokens)
-    assert torch.equal(out.ne(0).any(-1), tokens >= 0) and torch.equal(out[0, :2], x[1, 0, [0, 9]])
+    k, v = offload_gather.read_tokens(x, x, torch.tensor([1, 0]), torch.tensor([0, 1]), tokens)
+    assert torch.equal(k.ne(0).any(-1), tokens >= 0) and torch.equal(k[0, :2], x[1, 0, [0, 9]]) and torch.equal(v, k)
 
 
 def test_op_traces_whole_under_compile(interpreter):
@@ -71,8 +72,8 @@ def test_op_traces_whole_under_compile(interpreter):
     x = torch.randn(2, 2, 20, 8, generator=torch.Generator().manual_seed(1))
 
     def step(q, rows, kv_heads, tokens):
-        k = offload_gather.read_tokens(x, rows, kv_heads, tokens)
-        return (q[:, None] * k).sum(-1).softmax(-1)
+        k, v = offload_gather.read_tokens(x, x + 1, rows, kv_heads, tokens)
+        return ((q[:, None] * k).sum(-1).softmax(-1)[..., None] * v).sum(1)
 
     args = (torch.randn(3, 8), torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]), torch.randint(0, 20, (3, 5)))
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -83,7 +84,8 @@ def test_without_the_interpreter_the_op_is_a_torch_gather(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     src, index = torch.randn(9, 4), torch.tensor([[8, 0, 8]])
     assert offload_gather._kernel(src.device) is None
-    assert torch.equal(offload_gather.gather_rows(src, index), src[index])
+    k, v = offload_gather.gather_rows(src, src * 2, index)
+    assert torch.equal(k, src[index]) and torch.equal(v, 2 * src[index])
 
 
 def test_a_cpu_store_does_not_read_on_a_gpu():
@@ -131,8 +133,8 @@ def test_cuda_view_of_pinned_memory(dtype):
     view = offload_gather.cuda_view(pinned)
     assert view.is_cuda and view.data_ptr() == pinned.data_ptr() and view.dtype == dtype
     index = torch.randint(0, 4 * 33, (6, 16), device="cuda")
-    out = offload_gather.gather_rows(view.view(-1, 128), index)
-    assert torch.equal(out.cpu(), pinned.view(-1, 128)[index.cpu()])
+    k, v = offload_gather.gather_rows(view.view(-1, 128), view.view(-1, 128), index)
+    assert torch.equal(k.cpu(), pinned.view(-1, 128)[index.cpu()]) and torch.equal(v, k)
 
 
 @cuda
