@@ -36,6 +36,7 @@ except ImportError:
     calidrop_pages = None
 
 METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv")
+ESTIMATES = ("paper", "first-order")
 
 
 # ------------------------------------------------------------------ 1. attention as (out, lse), merge
@@ -44,7 +45,7 @@ def attention_with_lse(q, k, v, visible=None):
     """One query per head over a set of keys.
 
     q (B, Hq, D); k, v (B, Hkv, S, D); visible None or bool broadcastable to (B, Hkv, Hq // Hkv, S).
-    Returns out (B, Hq, D) in v's dtype and lse (B, Hq) in float32 (or float64), the log of the softmax
+    Returns out (B, Hq, v.shape[-1]) in v's dtype and lse (B, Hq) in float32 (or float64), the log of the softmax
     denominator. A head that sees no key (S = 0, or all masked) gets out 0 and lse -inf, the identity of
     `merge`.
     """
@@ -58,7 +59,7 @@ def attention_with_lse(q, k, v, visible=None):
     lse = scores.logsumexp(-1)
     weights = torch.exp(scores - lse.masked_fill(lse.isneginf(), 0)[..., None])  # all -inf: weights 0
     out = weights.to(v.dtype) @ v
-    return out.view(B, Hq, D), lse.view(B, Hq)
+    return out.view(B, Hq, v.shape[-1]), lse.view(B, Hq)
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -102,18 +103,19 @@ def score_streamingllm(positions, sink):
 
 
 def h2o_column_sums(q, k, pads=None, chunk=256):
-    """Attention each key receives, summed over all prompt queries (causal): H2O's heavy-hitter score.
+    """Attention each key receives, summed over the queries (causal): H2O's heavy-hitter score.
 
-    q (B, Hq, L, D), k (B, Hkv, L, D) -> (B, Hq, L) float32; pads (B,) left padding, which neither gives nor
-    receives attention. Query chunks bound the memory to Hq x chunk x L scores at a time, not Hq x L x L."""
-    B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
-    q_grouped = q.view(B, Hkv, Hq // Hkv, L, D)
+    q (B, Hq, Lq, D), the queries of the last Lq of the keys k (B, Hkv, L, D) (the prompt's: all of them) ->
+    (B, Hq, L) float32; pads (B,) left padding, which neither gives nor receives attention. Query chunks bound
+    the memory to Hq x chunk x L scores at a time, not Hq x L x L."""
+    B, Hq, Lq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    q_grouped = q.view(B, Hkv, Hq // Hkv, Lq, D)
     sums = torch.zeros(B, Hkv, Hq // Hkv, L, device=q.device)
-    for s in range(0, L, chunk):
-        e = min(s + chunk, L)  # queries s..e-1 see keys 0..e-1 at most
-        scores = (q_grouped[:, :, :, s:e] @ k[:, :, None, :e].transpose(-1, -2)).float() / math.sqrt(D)
-        visible = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
+    for s in range(0, Lq, chunk):
+        e = L - Lq + min(s + chunk, Lq)  # queries s.. (positions L - Lq + s..e-1) see keys 0..e-1 at most
+        scores = (q_grouped[:, :, :, s:s + chunk] @ k[:, :, None, :e].transpose(-1, -2)).float() / math.sqrt(D)
+        visible = torch.arange(e, device=q.device)[None, :] <= torch.arange(e - scores.shape[-2], e, device=q.device)[:, None]
         if pads is not None:  # a pad query sees no key: its softmax row is NaN, and counts 0
             visible = visible & (torch.arange(e, device=q.device) >= pads[:, None])[:, None, None, None]
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
@@ -214,12 +216,16 @@ class CaliDropConfig:
     theta2: float = 0.85          # rho > theta2: calibrate
     calibration: bool = True      # False: plain eviction
     calibration_size: int | None = None  # evicted tokens offloaded and calibrated with (None: all)
+    estimate: str = "paper"       # what a calibrate merges: "paper" (the history as it is) or "first-order" (its
+                                  # lse followed to the query: the evicted keys' mean kbar, D more per head)
     pool_kernel: int = 5
     # which evicted tokens a recompute reads (calidrop_pages.py): "auto" (pages where ranking them costs less
     # than reading every token), a number of pages, or None (every evicted token: the paper's rule)
     reload_pages: int | str | None = "auto"
     page_size: int = 16           # evicted tokens per page: the unit a recompute reads
     reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute (None: all)
+    interval: int | None = None   # decode-time eviction: every `interval` new tokens the kept cache is cut back to
+                                  # the budget, the evicted ones calibrated with and offloaded (None: only the prompt)
 
     def __post_init__(self):
         self.check()
@@ -227,9 +233,11 @@ class CaliDropConfig:
     def check(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.estimate not in ESTIMATES:
+            raise ValueError(f"unknown estimate {self.estimate!r} (choose from {', '.join(ESTIMATES)})")
         # window >= 1 for every method: the recorder's last window query is the historical query
         for name, low in (("window", 1), ("budget", 1), ("sink", 0), ("calibration_size", 0), ("page_size", 1),
-                          ("reload_capacity", 1)):
+                          ("reload_capacity", 1), ("interval", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low} ({name}={getattr(self, name)})")
         if self.method in ("snapkv", "pyramidkv") and self.budget <= self.window:
@@ -238,6 +246,8 @@ class CaliDropConfig:
             raise ValueError(f"streamingllm needs budget > sink (budget={self.budget}, sink={self.sink})")
         if self.method == "h2o" and self.budget < 2:
             raise ValueError("h2o needs budget >= 2 (half recent, half heavy hitters)")
+        if self.interval is not None and self.calibration_size is not None:
+            raise ValueError("calibration_size keeps the prompt's best evicted tokens: not with interval")
         theta1, theta2 = torch.as_tensor(self.theta1), torch.as_tensor(self.theta2)
         if theta1.isnan().any() or theta2.isnan().any():
             raise ValueError("theta1 and theta2 must be numbers")
@@ -292,23 +302,36 @@ class PrefillRecorder:
 
 # -------------------------------------------------------------------------------------- 4. decoding
 
+def history_values(config, k, v):
+    """The values a history attends: v, and with the "first-order" estimate the keys too (their mean under the
+    attention weights is lse's gradient in q): the merge keeps both exact, as accumulated over any split."""
+    return v if config.estimate == "paper" else torch.cat([v, k], -1)
+
+
 @dataclass
 class Layer:
     """One layer of the compressed cache."""
     k: torch.Tensor            # (B, Hkv, kept + new, D): the kept prompt tokens, then the generated ones
     v: torch.Tensor
-    kept_len: int              # prompt tokens kept per KV head
+    kept_len: int              # tokens kept per KV head at the last cut (the prefill's: prompt tokens)
     slot_offset: torch.Tensor  # (1,): position pos goes to slot pos + slot_offset (a tensor, so that a
                                # compiled step does not depend on the prompt length)
     slots: torch.Tensor        # (kept + new,) slot numbers, to mask the slots not yet written
-    evicted_len: int           # evicted tokens per (sequence, KV head) in the store
+    evicted_len: int           # evicted tokens per (sequence, KV head) the store holds room for
     kept_visible: torch.Tensor | None = None  # left padding: (B, 1, 1, kept + new), False on kept pads
-    evicted_lens: torch.Tensor | None = None  # left padding: (B,) each sequence's evicted tokens, the
-                                              # store's first ones (its pads follow, never read)
+    evicted_lens: torch.Tensor | None = None  # left padding or interval: (B,) each sequence's evicted tokens,
+                                              # the store's first ones (the rest: pads, or room)
     hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
-    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set
+    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set; "first-order":
+                                          # (B, Hq, 2D), then kbar, the same attention with the keys for values
     hist_lse: torch.Tensor | None = None  # (B, Hq) float32: lse_E(hist_q)
     pages: "calidrop_pages.LayerPages | None" = None  # the pages a recompute reads (None: every evicted token)
+    # decode-time eviction (config.interval): the kept buffers hold budget + interval tokens
+    budget: int = 0            # tokens a cut keeps
+    cut_pos: int = 0           # the position of the last cut (the prompt's length, before any)
+    positions: torch.Tensor | None = None  # (B, Hkv, budget + interval): each kept token's position in its sequence
+    recent_q: torch.Tensor | None = None   # (B, Hq, R, D): the queries of the last R slots (SnapKV's window, H2O)
+    received: torch.Tensor | None = None   # (B, Hq, budget + interval): H2O's attention received by each kept token
 
 
 class OffloadStore:
@@ -334,6 +357,12 @@ class OffloadStore:
     def get(self, layer):
         """Every evicted token of the layer: k, v (B, Hkv, E, D)."""
         return self.k[layer], self.v[layer]
+
+    def write(self, layer, at, k, v):
+        """k, v (B, Hkv, n, D) evicted while decoding, to each sequence b's tokens at[b]..at[b] + n - 1 (room put there)."""
+        index = (at[:, None, None, None] + torch.arange(k.shape[2], device=at.device)[:, None]).expand(k.shape)
+        for x, new in ((self.k[layer], k), (self.v[layer], v)):
+            x.scatter_(2, index.to(x.device), new.to(x.device))
 
     def nbytes(self, layer=None):
         layers = self.k if layer is None else [layer]
@@ -378,45 +407,63 @@ class CaliDropCache:
         layers = []
         for i in range(n_layers):
             k, v, recorded = keys[i], values[i], recorder.layers[i]
-            budget = min(budgets[i], L)
-            if budget == L:  # a prompt within the budget is kept whole
+            kept = min(budgets[i], L)
+            if kept == L:  # a prompt within the budget is kept whole
                 keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
             else:
-                keep, evicted = select(score(config, k, recorded, pads), budget, config.calibration_size)
-            room = k.new_zeros(B, Hkv, max_new_tokens, D)
-            layer = Layer(torch.cat([gather_tokens(k, keep), room], 2), torch.cat([gather_tokens(v, keep), room], 2),
-                          budget, torch.tensor([budget - L], device=k.device),
-                          torch.arange(budget + max_new_tokens, device=k.device), evicted.shape[2])
-            evicted_visible = None  # (B, Hkv, 1, E)
-            positions = evicted
+                keep, evicted = select(score(config, k, recorded, pads), kept, config.calibration_size)
+            # the kept buffers' slots: the kept tokens and every new one, or with decode-time eviction the budget
+            # and the interval's new tokens; the store makes room for what decoding may evict
+            size = budgets[i] + config.interval if config.interval else kept + max_new_tokens
+            store_room = max(kept + max_new_tokens - budgets[i], 0) if config.interval else 0
+            k_kept, v_kept = (F.pad(gather_tokens(x, keep), (0, 0, 0, size - kept)) for x in (k, v))
+            layer = Layer(k_kept, v_kept, kept, torch.tensor([kept - L], device=k.device),
+                          torch.arange(size, device=k.device), evicted.shape[2] + store_room, budget=budgets[i], cut_pos=L)
+            evicted_visible, pad = None, 0  # (B, Hkv, 1, E)
             if pads is not None:
                 pad = pads[:, None, None]
-                layer.kept_visible = F.pad(keep >= pad, (0, max_new_tokens), value=True)[:, :1, None]
+                layer.kept_visible = F.pad(keep >= pad, (0, size - kept), value=True)[:, :1, None]
                 evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))  # pads last
                 evicted_visible = (evicted >= pad)[:, :, None]
-                layer.evicted_lens = evicted_visible[:, 0, 0].sum(-1)
-                positions = evicted - pad
+            if pads is not None or config.interval:
+                layer.evicted_lens = torch.full((B,), evicted.shape[2], device=k.device) if pads is None else \
+                    evicted_visible[:, 0, 0].sum(-1)
+            if config.interval:
+                layer.positions = F.pad(keep - pad, (0, size - kept))
+                window = {"streamingllm": 0, "h2o": config.interval}.get(config.method, min(config.window, config.interval))
+                layer.recent_q = recorded.window_q.new_zeros(B, Hq, window, D) if window else None
+                if config.method == "h2o":
+                    layer.received = F.pad(recorded.column_sums.gather(2, keep.repeat_interleave(Hq // Hkv, 1)),
+                                           (0, size - kept))
             if config.calibration:
                 # the history: the last prompt query (a copy: the recorder's window is not kept alive)
                 layer.hist_q = recorded.window_q[:, :, -1].clone()
                 k_evicted, v_evicted = gather_tokens(k, evicted), gather_tokens(v, evicted)
-                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, v_evicted, evicted_visible)
+                layer.hist_out, layer.hist_lse = accumulate(layer.hist_q, k_evicted, history_values(config, k_evicted, v_evicted),
+                                                            evicted_visible)
                 if config.recomputes:  # only a recompute ever reads them again; otherwise they are freed
+                    k_evicted, v_evicted = (F.pad(x, (0, 0, 0, store_room)) for x in (k_evicted, v_evicted))
                     store.put(i, k_evicted, v_evicted)
                     if calidrop_pages is not None:
-                        layer.pages = calidrop_pages.for_layer(config, k_evicted, positions, layer.evicted_lens,
-                                                               Hq // Hkv, getattr(store, "device", k.device) != k.device,
-                                                               inv_freq)
+                        layer.pages = calidrop_pages.for_layer(config, k_evicted, F.pad(evicted - pad, (0, store_room)),
+                                                               layer.evicted_lens, Hq // Hkv,
+                                                               getattr(store, "device", k.device) != k.device, inv_freq)
             layers.append(layer)
+        if config.interval and config.recomputes and not hasattr(store, "write"):
+            raise ValueError(f"{type(store).__name__} cannot take the tokens evicted while decoding (interval)")
         return cls(config, L, layers, store, (B, Hq), pads)
 
     def attend(self, layer, q, k, v, pos):
         """Decode one token: q (B, Hq, 1, D), k, v (B, Hkv, 1, D) at position pos (1,) -> (B, Hq, 1, D)."""
         assert q.shape[2] == 1, "a CaliDropCache decodes one token at a time; prefill with the full cache"
+        if layer == 0 and self.config.interval and not torch.compiler.is_compiling():
+            self.make_room(int(pos))  # compiled, the caller makes room between steps
         state = self.layers[layer]
         slot = pos + state.slot_offset
         state.k.index_copy_(2, slot, k)
         state.v.index_copy_(2, slot, v)
+        if state.recent_q is not None:  # the queries of the last R slots, for the next cut's scores
+            state.recent_q.index_copy_(2, (slot - state.k.shape[2] + state.recent_q.shape[2]).clamp(min=0), q)
         q = q[:, :, 0]
         visible = state.slots <= slot
         out_kept, lse_kept = attention_with_lse(q, state.k, state.v,
@@ -437,9 +484,20 @@ class CaliDropCache:
         calibrate = ~recompute & (rho > self.config.theta2)
         if self.recomputes:
             self.refresh_history(layer, q, lse_kept, recompute)  # the recomputing heads' history is now q's
-        merged, _ = merge(out_kept, lse_kept, state.hist_out, state.hist_lse)
+        merged, _ = merge(out_kept, lse_kept, *self.evicted_at(state, q))
         self.count(layer, calibrate, recompute)
         return torch.where((calibrate | recompute)[..., None], merged, out_kept)
+
+    def evicted_at(self, state, q):
+        """What a calibrate decision merges for q (B, Hq, D): the history as it is ("paper": the speculation), or
+        its lse followed to first order in q ("first-order"), lse_E(q) ~ hist_lse + (q - hist_q).kbar / sqrt(D),
+        kbar = sum_i p_i k_i under hist_q's weights p: lse's tangent, so never above the evicted mass (lse is
+        convex in q). Exact at q = hist_q, so a recompute merges its exact history either way."""
+        D = q.shape[-1]
+        if self.config.estimate == "paper":
+            return state.hist_out, state.hist_lse
+        kbar = state.hist_out[..., D:].float()
+        return state.hist_out[..., :D], state.hist_lse + ((q.float() - state.hist_q.float()) * kbar).sum(-1) / math.sqrt(D)
 
     def stale_heads(self, rho):
         """(B, Hq) bool: the query heads to recompute now, rho < theta1 (with a reload capacity, those of at
@@ -477,8 +535,9 @@ class CaliDropCache:
                 k, v = (x.view(B * Hkv, -1, D) for x in self.store.get(layer))  # the store as it lies: no gather
             else:
                 k, v = self.store.read(layer, rows, kv_heads, tokens.masked_fill(~visible, -1))  # (n, S, D) each
-            out, lse = attention_with_lse(q_grouped, k[:, None], v[:, None], visible[:, None, None])  # (n, G, D), (n, G)
-            out = state.hist_out.view(B, Hkv, -1, D).index_put((rows, kv_heads), out).view(B, Hq, D)
+            out, lse = attention_with_lse(q_grouped, k[:, None], history_values(self.config, k, v)[:, None],
+                                          visible[:, None, None])  # (n, G, D or 2D), (n, G)
+            out = state.hist_out.view(B, Hkv, Hq // Hkv, -1).index_put((rows, kv_heads), out).view(B, Hq, -1)
             lse = state.hist_lse.view(B, Hkv, -1).index_put((rows, kv_heads), lse).view(B, Hq)
             self.reload_tokens[layer].view(-1)[rows * Hkv + kv_heads] += visible.sum(-1)  # the pairs are distinct
         # in place: a CUDA graph replays into the buffers it was recorded with
@@ -490,6 +549,54 @@ class CaliDropCache:
     def store_is_local(self, q):
         """Whether the offload store sits in the compute's memory (a CPU's), where reading it costs no link."""
         return getattr(self.store, "device", q.device) == q.device
+
+    def make_room(self, pos):
+        """Decode-time eviction (config.interval), before the token at position pos (an int): each layer whose
+        kept buffers are full (budget + interval tokens) is cut back to its budget."""
+        for i, state in enumerate(self.layers):
+            if state.kept_len + pos - state.cut_pos == state.k.shape[2]:
+                self.cut(i, pos)
+
+    def cut(self, layer, pos):
+        """The kept tokens scored as the prefill scored the prompt (the last decode queries as SnapKV's window and
+        as H2O's new queries), the budget kept, the rest evicted as the prompt's were: merged into the history
+        (exact: under the same hist_q, a disjoint set), written to the store and to the page sketch."""
+        state, config, S = self.layers[layer], self.config, self.layers[layer].k.shape[2]
+        pads = None if state.kept_visible is None else (~state.kept_visible[:, 0, 0]).sum(-1)  # kept pads lead
+        state.positions[:, :, state.kept_len:] = torch.arange(state.cut_pos, pos, device=state.k.device) - (
+            0 if self.pads is None else self.pads[:, None, None])
+        if state.received is not None:
+            state.received += h2o_column_sums(state.recent_q, state.k, pads)
+        keep, evicted = select(score(config, state.k, Recorded(state.recent_q, state.received), pads), state.budget)
+        visible = None  # (B, Hkv, 1, n)
+        if pads is not None:  # pads score -inf: evicted, and sorted last, never stored or calibrated with
+            evicted = evicted.gather(-1, (evicted < pads[:, None, None]).long().argsort(dim=-1, stable=True))
+            visible = (evicted >= pads[:, None, None])[:, :, None]
+        if config.calibration:
+            k_evicted, v_evicted = gather_tokens(state.k, evicted), gather_tokens(state.v, evicted)
+            new = accumulate(state.hist_q, k_evicted, history_values(config, k_evicted, v_evicted), visible)
+            out, lse = merge(state.hist_out, state.hist_lse, *new)
+            state.hist_out.copy_(out)
+            state.hist_lse.copy_(lse)
+            if self.recomputes:
+                at = state.evicted_lens.clone()
+                self.store.write(layer, at, k_evicted, v_evicted)
+                n = torch.full_like(at, evicted.shape[2]) if visible is None else visible[:, 0, 0].sum(-1)
+                if state.pages is not None:
+                    state.pages.write(at, n, k_evicted, state.positions.gather(2, evicted))
+                state.evicted_lens += n
+        for x in (state.k, state.v):  # the kept tokens to the front, in position order
+            x[:, :, :state.budget] = gather_tokens(x, keep)
+        state.positions[:, :, :state.budget] = state.positions.gather(2, keep)
+        if state.received is not None:
+            G = state.received.shape[1] // keep.shape[1]
+            state.received[..., :state.budget] = state.received.gather(2, keep.repeat_interleave(G, 1))
+            state.received[..., state.budget:] = 0
+        if state.kept_visible is not None:  # pads, if any, are kept alike in every KV head
+            state.kept_visible[..., :state.budget] = state.kept_visible[:, :, 0].gather(2, keep[:, :1])[:, :, None]
+            state.kept_visible[..., state.budget:] = True
+        state.kept_len, state.cut_pos = state.budget, pos
+        state.slot_offset.fill_(state.budget - pos)
 
     # -------------------------------------------------------------------------------- 5. accounting
 
@@ -520,20 +627,28 @@ class CaliDropCache:
         b = lengths.numel()
         per_token = 2 * Hkv * D * self.layers[0].k.element_size()  # K and V, one sequence, one layer
         generated = n_tokens - self.prompt_len
-        kept = sum(int(lengths.clamp(max=s.kept_len).sum()) + b * generated for s in self.layers)
+        # per layer: the tokens kept at its last cut (the prefill, before any), then every one fed since; at the
+        # peak, with decode-time eviction, the buffers full before a cut
+        kept = [int((lengths + s.cut_pos - self.prompt_len).clamp(max=s.kept_len).sum()) + b * (n_tokens - s.cut_pos)
+                for s in self.layers]
+        peak = sum(b * s.k.shape[2] if s.cut_pos > self.prompt_len else n for s, n in zip(self.layers, kept))
+        kept = sum(kept)
         offloaded = 0.0
         if self.store.nbytes():  # every layer's evicted set, when a recompute may read it
             for i, s in enumerate(self.layers):
                 tokens = b * s.evicted_len if s.evicted_lens is None else int(s.evicted_lens.cpu()[rows].sum())
                 offloaded += self.store.nbytes(i) * tokens / (B * s.evicted_len) if tokens else 0
         history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
+        scoring = [t for s in self.layers for t in (s.recent_q, s.received) if t is not None]
         steps = max(generated, 1)
         return {
             "kv_bytes_kept": kept * per_token,
+            "kv_bytes_kept_peak": peak * per_token,
             "kv_bytes_full": len(self.layers) * (int(lengths.sum()) + b * generated) * per_token,
             "kv_bytes_offloaded": offloaded,
             "calibration_bytes": sum(t.nbytes for t in history) * b / B,
             "kv_bytes_selection": sum(s.pages.nbytes for s in self.layers if s.pages) * b / B,  # ranks the pages
+            "kv_bytes_scoring": sum(t.nbytes for t in scoring) * b / B,  # what decode-time eviction scores with
             "kv_bytes_allocated": sum(s.k.nbytes + s.v.nbytes for s in self.layers) * b / B,
             "reload_bytes_per_token": self.reloaded_bytes(rows) / steps,  # all sequences `rows`
             "reload_fraction": self.reloads[:, rows].sum().item() / (self.reloads[:, rows].numel() * steps),

@@ -227,6 +227,27 @@ class LayerPages:
     def nbytes(self):
         return self.sketch.nbytes
 
+    def write(self, at, n, k, positions):
+        """Keys evicted while decoding into the sketch: k (B, Hkv, m, D) post-RoPE at their positions (B, Hkv, m),
+        each sequence b's first n[b] (B,) of them to its tokens at[b].. (B,): on the prefill's basis and 4-bit
+        scale (a coordinate past the scale is clipped), and into their pages' means."""
+        sketch = self.sketch
+        B, Hkv, m, _ = k.shape
+        coords = rotate(k, positions, self.inv_freq, inverse=True).float() @ sketch.basis.transpose(-1, -2)
+        codes = (coords / sketch.scale).round().clamp(-7, 7).to(torch.uint8) + 8
+        rows = (at[:, None] + torch.arange(m, device=at.device))[:, None, :].expand(B, Hkv, m)  # (B, Hkv, m)
+        valid = (torch.arange(m, device=at.device) < n[:, None])[:, None, :, None]  # (B, 1, m, 1)
+        sketch.coords.scatter_(2, rows[..., None].expand(-1, -1, -1, sketch.coords.shape[-1]), pack(codes, 4))
+        sketch.positions.scatter_(2, rows, positions.to(torch.int32))
+        E, P = sketch.positions.shape[-1], sketch.page_positions.shape[-1]
+        before, after = (page_counts(E, self.page_size, at.device, x[:, None, None]) for x in (at, at + n))
+        sums = torch.cat([sketch.page_coords, sketch.page_positions[..., None]], -1) * before[..., None]
+        new = torch.cat([coords, positions[..., None].float()], -1) * valid  # (B, Hkv, m, r + 1)
+        sums.scatter_add_(2, (rows // self.page_size)[..., None].expand_as(new), new)
+        means = sums / after.clamp(min=1)[..., None]
+        sketch.page_coords.copy_(means[..., :-1])
+        sketch.page_positions.copy_(means[..., -1])
+
     def repeat(self, n, pages=None):
         """These pages for a cache of n variants of the batch (see KeySketch.repeat), reading `pages` pages."""
         return replace(self, sketch=self.sketch.repeat(n), pages=pages or self.pages)

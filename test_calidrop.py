@@ -11,6 +11,7 @@ What is checked (spec CALIDROP.md, sections 3-6 and 10):
 Reference logits come from one full forward pass over prompt + continuation with model.FullCache.
 """
 import math
+import types
 
 import pytest
 import torch
@@ -417,7 +418,81 @@ def test_calibration_size(model, method):
     torch.testing.assert_close(empty, plain, atol=1e-6, rtol=0)
 
 
-# ----------------------------------------------------------------------------------- 9. config check
+# ------------------------------------------------------------------ 9. the first-order estimate (issue 31)
+
+def first_order_cache(model, theta1=-0.5, theta2=0.0, seed=21, **kw):
+    """A compressed cache with the first-order estimate, its store kept (theta1 > -1) and its prefill."""
+    return build_cache(model, random_tokens(2, 48, seed=seed), cfg("snapkv", theta1=theta1, theta2=theta2,
+                                                                    estimate="first-order", **kw), max_new_tokens=4)
+
+
+def test_first_order_history_holds_the_evicted_keys_mean(model):
+    """hist_out's second half is kbar = sum_i p_i k_i under hist_q's softmax over the evicted keys (an
+    independent float64 computation), its first half the paper's o_E(hist_q); the estimate at q = hist_q is the
+    history itself, bit for bit, and its lse is the tangent: at q = hist_q + eps d it is off by O(eps^2), and
+    below the exact lse everywhere (lse is convex in q)."""
+    _, cache, _, _ = first_order_cache(model)
+    g = torch.Generator().manual_seed(3)
+    for layer, state in enumerate(cache.layers):
+        k, v = cache.store.get(layer)
+        h = state.hist_q.double()
+        w = torch.softmax(torch.einsum("bhd,bhsd->bhs", h, k.double().repeat_interleave(HQ // HKV, 1)) / math.sqrt(D), -1)
+        kbar = torch.einsum("bhs,bhsd->bhd", w, k.double().repeat_interleave(HQ // HKV, 1))
+        torch.testing.assert_close(state.hist_out[..., D:].double(), kbar, atol=1e-5, rtol=0)
+        torch.testing.assert_close(state.hist_out[..., :D].double(), naive_attention(state.hist_q, k, v), atol=1e-5, rtol=0)
+        out, lse = cache.evicted_at(state, state.hist_q)
+        assert torch.equal(out, state.hist_out[..., :D]) and torch.equal(lse, state.hist_lse)
+        direction = torch.randn(h.shape, generator=g, dtype=torch.float64)
+        gaps = []
+        for eps in (0.2, 0.1, 0.05):
+            q = (h + eps * direction).float()
+            gaps.append((calidrop.attention_with_lse(q.double(), k.double(), v.double())[1] - cache.evicted_at(state, q)[1]))
+            assert (gaps[-1] > -1e-4).all()  # the tangent is below
+        assert gaps[1].abs().max() < gaps[0].abs().max() / 3 and gaps[2].abs().max() < gaps[1].abs().max() / 3
+
+
+def test_first_order_is_exact_for_a_single_evicted_token():
+    """One evicted token: lse_E(q) = q.k / sqrt(D) is linear in q, so the first-order estimate is its exact value at
+    any q (and kbar is that key)."""
+    g = torch.Generator().manual_seed(8)
+    k, v = torch.randn(1, HKV, 1, D, generator=g, dtype=torch.float64), torch.randn(1, HKV, 1, D, generator=g, dtype=torch.float64)
+    h = torch.randn(1, HQ, D, generator=g, dtype=torch.float64)
+    config = calidrop.CaliDropConfig(estimate="first-order")
+    hist_out, hist_lse = calidrop.attention_with_lse(h, k, calidrop.history_values(config, k, v))
+    state = types.SimpleNamespace(hist_q=h, hist_out=hist_out, hist_lse=hist_lse)
+    cache = types.SimpleNamespace(config=config)
+    for _ in range(3):
+        q = torch.randn(1, HQ, D, generator=g, dtype=torch.float64) * 3
+        out, lse = calidrop.CaliDropCache.evicted_at(cache, state, q)
+        exact_out, exact_lse = calidrop.attention_with_lse(q, k, v)
+        torch.testing.assert_close(lse.double(), exact_lse, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out, exact_out, atol=1e-12, rtol=0)
+
+
+def test_first_order_recompute_every_step_is_the_full_cache_and_counts_its_bytes(model):
+    """theta1 > 1 with the first-order estimate: the full cache's logits (a recompute merges its exact history),
+    compiled (fullgraph) as eager; the history holds D more values per query head, and calibration_bytes says so."""
+    L, n = 48, 8
+    tokens = random_tokens(2, L + n, seed=9)
+    config = cfg("snapkv", theta1=2.0, estimate="first-order")
+    logits, cache = decode_logits(model, tokens, L, config)
+    torch.testing.assert_close(logits, full_logits(model, tokens)[:, L - 1:], atol=1e-4, rtol=0)
+    paper = decode_logits(model, tokens, L, cfg("snapkv", theta1=2.0))[1]
+    assert cache.stats(L + n)["calibration_bytes"] == paper.stats(L + n)["calibration_bytes"] * (3 * D + 1) / (2 * D + 1)
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, backend="aot_eager")
+    for config in (cfg("snapkv", theta1=0.3, theta2=0.6, estimate="first-order"),
+                   cfg("snapkv", theta1=0.3, theta2=0.6, estimate="first-order", reload_pages=2, page_size=4)):
+        runs = []
+        for fn in (decode_one_token, step):
+            _, cache = generate.prefill_and_compress(model, tokens[:, :L], config, n)
+            runs.append((torch.stack([fn(model, tokens[:, t:t + 1].clone(), torch.tensor([t]), cache)
+                                      for t in range(L, L + n)], 1), cache.counts))
+        torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=0)
+        assert torch.equal(runs[1][1], runs[0][1]) and runs[0][1][..., 0].sum() > 0 and runs[0][1][..., 1].sum() > 0
+
+
+# ----------------------------------------------------------------------------------- 10. config check
 
 @pytest.mark.parametrize("kw", [dict(method="bogus"), dict(method="snapkv", budget=32, window=32),
                                 dict(method="snapkv", budget=8, window=32),
@@ -428,7 +503,8 @@ def test_calibration_size(model, method):
                                 dict(method="streamingllm", sink=-1), dict(method="h2o", budget=0),
                                 dict(theta1=0.9, theta2=0.5), dict(theta1=0.5, theta2=0.5),
                                 dict(theta1=1.0, theta2=0.5), dict(theta1=float("nan")),
-                                dict(theta1=torch.tensor([[0.7], [0.9]]), theta2=torch.tensor([[0.85], [0.5]]))])
+                                dict(theta1=torch.tensor([[0.7], [0.9]]), theta2=torch.tensor([[0.85], [0.5]])),
+                                dict(estimate="second-order")])
 def test_config_check_rejects(kw):
     with pytest.raises(ValueError):
         calidrop.CaliDropConfig(**kw).check()

@@ -48,6 +48,7 @@ CONFIGS = {
     **{f"{m} pages": cfg(m, theta1=0.3, theta2=0.6, **PAGES) for m in calidrop.METHODS},
     "snapkv evict": cfg("snapkv", calibration=False),
     "h2o calibration_size": cfg("h2o", theta1=0.3, theta2=0.6, calibration_size=10, reload_pages=None),
+    "snapkv first-order": cfg("snapkv", theta1=0.3, theta2=0.6, estimate="first-order", **PAGES),
 }
 
 
@@ -73,6 +74,34 @@ def test_padded_rows_equal_lone_runs(model, name, inference_mode):
         alone = lone.stats(len(prompt) + N_NEW)
         for key in ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "reload_bytes_per_token",
                     "reload_fraction", "decisions"):
+            assert mine[key] == alone[key], (key, b)
+
+
+INTERVAL_CONFIGS = {
+    "streamingllm exact": cfg("streamingllm", theta1=2.0, interval=4),
+    "snapkv pages": cfg("snapkv", theta1=0.3, theta2=0.6, interval=4, **PAGES),
+    "h2o dense first-order": cfg("h2o", theta1=0.3, theta2=0.6, interval=4, reload_pages=None, estimate="first-order"),
+}
+
+
+@pytest.mark.parametrize("name", INTERVAL_CONFIGS)
+def test_padded_rows_with_decode_time_eviction_equal_lone_runs(model, name, inference_mode):
+    """With decode-time eviction (a cut every 4 new tokens, 4 cuts) each row of a left-padded batch of prompts
+    longer than the budget is its prompt alone: the logits, decisions, tokens read and byte counts (a prompt
+    within the budget keeps pads at the prefill, which would move its first cut)."""
+    config, n_new = INTERVAL_CONFIGS[name], 20
+    prompts = [random_tokens(1, n, seed=n)[0] for n in (48, 37, 30, 20)]
+    new = random_tokens(len(prompts), n_new, seed=98)
+    tokens, pads = left_padded(prompts)
+    batch_logits, batch = run(model, tokens, new, config, pads)
+    assert batch.layers[0].cut_pos == tokens.shape[1] + 4 * 4
+    for b, prompt in enumerate(prompts):
+        lone_logits, lone = run(model, prompt[None], new[b:b + 1], config)
+        torch.testing.assert_close(batch_logits[b], lone_logits[0], atol=1e-5, rtol=0)
+        assert torch.equal(batch.counts[:, b], lone.counts[:, 0])
+        assert torch.equal(batch.reload_tokens[:, b], lone.reload_tokens[:, 0])
+        mine, alone = batch.stats(tokens.shape[1] + n_new, slice(b, b + 1)), lone.stats(len(prompt) + n_new)
+        for key in ("kv_bytes_kept", "kv_bytes_full", "kv_bytes_offloaded", "reload_bytes_per_token", "decisions"):
             assert mine[key] == alone[key], (key, b)
 
 
