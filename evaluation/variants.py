@@ -13,21 +13,31 @@ import ott
 from common import UsageError, log
 from model import FullCache, decode_one_token, prefill
 
-VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "calidrop+ott-offload", "recompute-all")
+VARIANTS = ("evict", "calibrate", "recompute", "calidrop", "calidrop+ott-offload", "recompute-all", "calibrate-fo",
+            "calidrop-fo")
 QUANTIZED = {"kivi": 0, "ott": 3}  # full-length 2-bit caches (ott.py) and their outlier tokens per group
 QUANT_BITS = 2
 NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = NEVER always recomputes
 BATCH_KV_BYTES = 4 * 2**30  # prompt K/V bytes over the rows of one decode batch: bounds the copies
 
 
-# A variant's name: what it does, then how its evicted K/V are stored, then how many pages a recompute
-# reads: "calidrop+int8-offload@8" is CaliDrop with the int8 store reading 8 pages per recompute; without
-# "@", --reload-pages; "@all": every evicted token (the exact rule).
+# A variant's name: what it does (with "-fo", calibrating with the first-order estimate), then how its evicted
+# K/V are stored, then how many pages a recompute reads: "calidrop+int8-offload@8" is CaliDrop with the int8
+# store reading 8 pages per recompute; without "@", --reload-pages; "@all": every evicted token (the exact rule).
+
+def base_name(variant):
+    return variant.split("@")[0].partition("+")[0].removesuffix("-fo")
+
+
+def estimate(variant):
+    """What the variant's calibrate decisions merge (CaliDropConfig.estimate)."""
+    return "first-order" if variant.split("@")[0].partition("+")[0].endswith("-fo") else "paper"
+
 
 def thresholds(variant, args):
-    """(theta1, theta2) of a variant; section 5's precedence makes these exact (see CALIDROP.md)."""
+    """(theta1, theta2) of a variant; the decision rule's precedence makes these exact (docs/method.md)."""
     return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
-            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[variant.split("@")[0].partition("+")[0]]
+            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[base_name(variant)]
 
 
 def offload(variant):
@@ -116,22 +126,25 @@ def compress(args, method, budget, variants, full, recorder, length, max_new, in
     device = full.slots.device
     theta1 = torch.tensor([thresholds(v, args)[0] for v in variants])  # one recomputes: keep the evicted K/V
     ranked = any(reload_pages(v, args) is not None for v in variants)  # one may rank pages: sketch them
+    first_order = any(estimate(v) == "first-order" for v in variants)  # one needs kbar in the history
     config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
                                      theta1=theta1, theta2=args.theta2, page_size=args.page_size,
-                                     reload_pages=1 if ranked else None, reload_capacity=args.reload_capacity)
+                                     reload_pages=1 if ranked else None, reload_capacity=args.reload_capacity,
+                                     estimate="first-order" if first_order else "paper")
     base = calidrop.CaliDropCache.from_prefill(config, [k[:, :, :length] for k in full.k],
                                                [v[:, :, :length] for v in full.v], recorder, max_new,
                                                calidrop.OffloadStore(device), inv_freq)
     by_cache = {}
     for variant in variants:
         alone = variant if args.reload_capacity else None
-        by_cache.setdefault((offload(variant), reload_pages(variant, args), alone), []).append(variant)
-    return [(as_rows(base, args, names, kind, pages), names) for (kind, pages, _), names in by_cache.items()]
+        by_cache.setdefault((offload(variant), reload_pages(variant, args), estimate(variant), alone), []).append(variant)
+    return [(as_rows(base, args, names, kind, pages, est), names) for (kind, pages, est, _), names in by_cache.items()]
 
 
-def as_rows(base, args, variants, kind, pages):
+def as_rows(base, args, variants, kind, pages, estimate):
     """base's S sequences repeated once per variant (variant-major) with each variant's thresholds, its
-    evicted K/V in a store of format `kind` (None: base's own), reading `pages` pages per recompute."""
+    evicted K/V in a store of format `kind` (None: base's own), reading `pages` pages per recompute, calibrating
+    with `estimate` (base's history holds kbar when any variant needs it; "paper" rows leave it unused)."""
     n, (S, Hq) = len(variants), base.counts.shape[1:3]
     device = base.layers[0].k.device
     theta1, theta2 = (torch.tensor([thresholds(v, args)[i] for v in variants], device=device)
@@ -142,14 +155,15 @@ def as_rows(base, args, variants, kind, pages):
         for layer in range(len(base.layers)):
             store.put(layer, *base.store.get(layer))
     repeat = lambda x: None if x is None else x.repeat(n, *(1,) * (x.dim() - 1))
-    config = dataclasses.replace(base.config, theta1=theta1, theta2=theta2, reload_pages=pages)
+    config = dataclasses.replace(base.config, theta1=theta1, theta2=theta2, reload_pages=pages, estimate=estimate)
     layers = []
     for state in base.layers:
         _, Hkv, _, D = state.k.shape
         read = (calidrop_pages.pages_to_read(config, state.evicted_len, Hq // Hkv, D, offloaded=False)
                 if base.recomputes else None)
+        hist_out = None if state.hist_out is None else state.hist_out[..., :D if estimate == "paper" else None]
         layers.append(dataclasses.replace(state, k=repeat(state.k), v=repeat(state.v), hist_q=repeat(state.hist_q),
-                                          hist_out=repeat(state.hist_out), hist_lse=repeat(state.hist_lse),
+                                          hist_out=repeat(hist_out), hist_lse=repeat(state.hist_lse),
                                           pages=None if read is None else state.pages.repeat(n, read)))
     return calidrop.CaliDropCache(config, base.prompt_len, layers, SharedRows(store, S, n), (n * S, Hq))
 
