@@ -16,6 +16,10 @@ Tasks:
              tracking, common and frequent words, scored by string match, at --lengths
   attention  per layer: cos(q_t, hist_q) post- and pre-RoPE, and the attention output's relative error
              against the full cache for every variant, on the same queries
+  long       long generations in a fixed budget (evaluation/long.py; not part of "all"): teacher-forced
+             continuation of --new-tokens (default 2048) after a --context (1024) prompt, the kept cache cut
+             back to the budget every --interval new tokens (decode-time eviction); NLL and KL per block of
+             256 positions, the bytes held after 1k, 2k and 4k tokens
 Variants of each (method, budget): evict (no calibration), calibrate (theta1 = -1: never recompute, the
 evicted K/V are freed), recompute (theta2 > 1: periodic exact recompute only), calidrop (theta1, theta2)
 and, for tests, recompute-all (theta1 > 1: exact every step). The full cache is always the reference.
@@ -40,6 +44,7 @@ from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_
                     resolve_checkpoint, resolve_device, run_cli)
 from evaluation.attention import task_attention
 from evaluation.frontier import task_frontier
+from evaluation.long import task_long
 from evaluation.ppl import task_ppl
 from evaluation.report import settings_record, write_outputs
 from evaluation.retrieval import task_retrieval
@@ -57,6 +62,8 @@ FULL = dict(methods=calidrop.METHODS, budgets=(64, 128, 256, 512), variants=VARI
             depths=(0.1, 0.5, 0.9), keys=1)
 QUICK = dict(methods=calidrop.METHODS, budgets=(64,), variants=VARIANTS, segments=2, context=512,
              new_tokens=16, lengths=(512,), needle_lengths=(512,), depths=(0.5,), keys=1)
+LONG = dict(FULL, methods=("snapkv", "streamingllm"), budgets=(256,), variants=("evict", "calibrate", "recompute", "calidrop"),
+            segments=8, context=1024, new_tokens=2048)  # --task long alone
 
 
 def parse_args(argv=None):
@@ -88,6 +95,7 @@ def parse_args(argv=None):
                    help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     p.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     p.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    p.add_argument("--interval", type=int, default=64, help="long: decode-time eviction every this many new tokens")
     add_reload_args(p, "pages a recompute reads per KV head (a number, all, or auto: 1/16 of the evicted pages, at "
                        "least 12; all where that costs less) for variants without @N")
     return p.parse_args(argv)
@@ -112,8 +120,8 @@ def check_args(args):
     Returns (tasks, device, dtype)."""
     if args.out is None:
         raise UsageError("give --out DIR: where to write results.json, results.md and the plots")
-    defaults = QUICK if args.quick else FULL
-    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier", "ruler"), "task")
+    tasks = TASKS if args.task == "all" else parse_list(args.task, str, TASKS + ("frontier", "ruler", "long"), "task")
+    defaults = QUICK if args.quick else LONG if tasks == ("long",) else FULL
     args.methods = parse_list(args.methods, str, calidrop.METHODS, "method") if args.methods else defaults["methods"]
     args.variants = parse_list(args.variants, str, None, "variant") if args.variants else defaults["variants"]
     for variant in args.variants:
@@ -136,7 +144,7 @@ def check_args(args):
         for budget in args.budgets:
             checked_config(method=method, budget=budget, window=args.window, sink=args.sink, theta1=args.theta1,
                            theta2=args.theta2, page_size=args.page_size, reload_pages=args.reload_pages,
-                           reload_capacity=args.reload_capacity)
+                           reload_capacity=args.reload_capacity, interval=args.interval if "long" in tasks else None)
     if args.text_file and not Path(args.text_file).is_file():
         raise UsageError(f"text file not found: {args.text_file}")
     device, dtype = resolve_device(args.device, args.dtype)
@@ -169,6 +177,8 @@ def run(args):
                 results[task] = task_attention(model, codec, args, device)
             elif task == "ruler":
                 results[task] = task_ruler(model, codec, args, device)
+            elif task == "long":
+                results[task] = task_long(model, codec, args, device)
             else:
                 results[task] = task_retrieval(task, model, codec, args, device)
             results[task]["run_s"] = time.perf_counter() - t0

@@ -31,7 +31,7 @@ def make_config(args) -> calidrop.CaliDropConfig:
         method=args.method, budget=args.budget, window=args.window, sink=args.sink, theta1=args.theta1,
         theta2=args.theta2, calibration=not args.no_calibration, calibration_size=args.calibration_size,
         page_size=args.page_size, reload_pages=None if args.offload_quant == "ott" else args.reload_pages,
-        reload_capacity=args.reload_capacity)
+        reload_capacity=args.reload_capacity, interval=args.interval)
 
 
 def make_store(args, device):
@@ -50,7 +50,7 @@ def prefill_and_compress(model, tokens, config, max_new_tokens, store=None, pads
     pads (B,): tokens is a left-padded batch (left_pad). Returns (logits of the last prompt token, cache)."""
     B, L = tokens.shape
     dev, dtype = tokens.device, model.embed_tokens.weight.dtype
-    if config is None or L <= config.budget:
+    if config is None or (L <= config.budget and not config.interval):
         cache = FullCache(model.args, B, L + max_new_tokens, dev, dtype, pads)
         return prefill(model, tokens, cache, pads), cache
     full = FullCache(model.args, B, L, dev, dtype, pads)
@@ -111,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
     g.add_argument("--calibration-size", type=int, default=None,
                    help="offload and calibrate with only this many evicted tokens (default: all)")
+    g.add_argument("--interval", type=int, default=None,
+                   help="decode-time eviction: every N new tokens the kept cache is cut back to --budget, what it "
+                        "evicts calibrated with and offloaded (default: the budget applies to the prompt only)")
     g.add_argument("--offload-quant", default="none", help="storage of CaliDrop's evicted K/V: none, int8, ott")
     add_reload_args(g)
     q = p.add_argument_group("KV-cache quantization (ott.py)")
@@ -132,6 +135,9 @@ def check_args(args):
     args.prompts = args.prompt + [Path(path).read_text() for path in args.prompt_file]
     if not all(prompt.strip() for prompt in args.prompts):
         raise UsageError("a prompt is empty")
+    if args.interval is not None and args.offload_quant != "none":
+        raise UsageError("--interval writes the tokens it evicts into the offload store as they come: not with "
+                         "--offload-quant")
     if len(args.prompts) > 1 and (args.kv_quant != "none" or args.offload_quant != "none"):
         raise UsageError("several prompts: --kv-quant and --offload-quant take one prompt (their quantization "
                          "groups would span the padding)")
@@ -178,7 +184,7 @@ def run(args):
     if max_new < args.max_new_tokens:
         log(f"note: the context has room for {max_new} new tokens only")
     config = None if args.method == "full" else make_config(args)  # already checked
-    if config is not None and longest <= config.budget:
+    if config is not None and longest <= config.budget and not config.interval:
         log(f"note: the prompt ({longest} tokens) fits in the budget ({config.budget}): not compressed")
 
     torch.manual_seed(args.seed)
@@ -201,8 +207,10 @@ def run(args):
         synchronize(device)
         prefill_s = time.perf_counter() - t0
 
-        next_token = lambda token, pos: sample(step(model, token, pos, cache, pads), args.temperature, args.top_k,
-                                               generator)
+        def next_token(token, pos):
+            if args.interval:  # decode-time eviction cuts between steps, outside a compiled one
+                cache.make_room(int(pos))
+            return sample(step(model, token, pos, cache, pads), args.temperature, args.top_k, generator)
         if pads is not None:
             decoded = decode_batch(next_token, token, tokens.shape[1], max_new, codec, device)
             return finish_batch(args, ckpt, config, model, cache, device, dtype, prompts, prefill_s, *decoded)
@@ -323,6 +331,7 @@ def run_settings(args, ckpt, config, cache, device, dtype):
     return {"ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
             "compressed": isinstance(cache, calidrop.CaliDropCache), **quantization,
             "calibration": config is not None and config.calibration, "theta1": args.theta1, "theta2": args.theta2,
+            **({"interval": args.interval} if args.interval else {}),
             "device": str(device), "dtype": str(dtype), "compile": args.compile}
 
 
@@ -350,7 +359,8 @@ def report(s):
         link = f", {s['link_bytes_per_token'] * mb:.2f} MB of it over the host link" if s["link_bytes_per_token"] else ""
         log(f"bandwidth achieved {s['bandwidth_gb_s']:.1f} GB/s ({s['bytes_read_per_token'] * mb:.1f} MB read per "
             f"token{link})")
-    log(f"KV cache: kept {s['kv_bytes_kept'] * mb:.2f} MB of {s['kv_bytes_full'] * mb:.2f} MB full "
+    peak = f" (at most {s['kv_bytes_kept_peak'] * mb:.2f})" if s.get("kv_bytes_kept_peak", 0) > s["kv_bytes_kept"] else ""
+    log(f"KV cache: kept {s['kv_bytes_kept'] * mb:.2f}{peak} MB of {s['kv_bytes_full'] * mb:.2f} MB full "
         f"({s['compression_ratio']:.1f}x), offloaded {s['kv_bytes_offloaded'] * mb:.2f} MB, "
         f"calibration {s['calibration_bytes'] * mb:.3f} MB")
     log(f"decisions: calibrate {d['calibrate']:.3f}, recompute {d['recompute']:.3f}, none {d['none']:.3f}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from evaluation.frontier import HBM_BYTES_PER_S, LINK_BYTES_PER_S, family, point_name
+from evaluation.long import long_tables, plot_long
 from evaluation.variants import QUANT_BITS, mean_se, thresholds
 
 METRICS = {  # per task: (result section, metric, label) of each plot row and table column
@@ -91,6 +92,9 @@ def write_table(results, settings, path):
             continue
         if task == "ruler":
             lines += ruler_tables(result, settings)
+            continue
+        if task == "long":
+            lines += long_tables(result, settings)
             continue
         variants = settings["args"]["variants"]
         modes = {}
@@ -365,6 +369,8 @@ def write_outputs(results, out):
     for task in results:
         if task == "frontier":
             plot_frontier(results[task], out / "frontier.png")
+        elif task == "long":
+            plot_long(results[task], results["settings"], out / "long.png")
         elif task != "settings":
             plot(task, results[task], results["settings"], out / f"{task}.png")
 
