@@ -21,23 +21,32 @@ NEVER = 2.0  # a cosine is at most 1: theta2 = NEVER never calibrates, theta1 = 
 BATCH_KV_BYTES = 4 * 2**30  # prompt K/V bytes over the rows of one decode batch: bounds the copies
 
 
-# A variant's name: what it does (with "-fo", calibrating with the first-order estimate), then how its evicted
-# K/V are stored, then how many pages a recompute reads: "calidrop+int8-offload@8" is CaliDrop with the int8
-# store reading 8 pages per recompute; without "@", --reload-pages; "@all": every evicted token (the exact rule).
+# A variant's name: what it does (with "-fo", calibrating with the first-order estimate; with "/t1/t2", at those
+# thresholds instead of --theta1 / --theta2), then how its evicted K/V are stored, then how many pages a recompute
+# reads: "calidrop+int8-offload@8" is CaliDrop with the int8 store reading 8 pages per recompute; without "@",
+# --reload-pages; "@all": every evicted token (the exact rule); "calidrop-fo/0.6/0.8": the first-order estimate
+# with theta1 0.6, theta2 0.8.
+
+def what(variant):
+    """The variant's decision rule and estimate: ("calidrop-fo", (0.6, 0.8)) of "calidrop-fo/0.6/0.8@12"."""
+    name, *theta = variant.split("@")[0].partition("+")[0].split("/")
+    return name, tuple(map(float, theta)) or None
+
 
 def base_name(variant):
-    return variant.split("@")[0].partition("+")[0].removesuffix("-fo")
+    return what(variant)[0].removesuffix("-fo")
 
 
 def estimate(variant):
     """What the variant's calibrate decisions merge (CaliDropConfig.estimate)."""
-    return "first-order" if variant.split("@")[0].partition("+")[0].endswith("-fo") else "paper"
+    return "first-order" if what(variant)[0].endswith("-fo") else "paper"
 
 
 def thresholds(variant, args):
     """(theta1, theta2) of a variant; the decision rule's precedence makes these exact (docs/method.md)."""
-    return {"evict": (-1.0, NEVER), "calibrate": (-1.0, args.theta2), "recompute": (args.theta1, NEVER),
-            "calidrop": (args.theta1, args.theta2), "recompute-all": (NEVER, NEVER)}[base_name(variant)]
+    theta1, theta2 = what(variant)[1] or (args.theta1, args.theta2)
+    return {"evict": (-1.0, NEVER), "calibrate": (-1.0, theta2), "recompute": (theta1, NEVER),
+            "calidrop": (theta1, theta2), "recompute-all": (NEVER, NEVER)}[base_name(variant)]
 
 
 def offload(variant):
@@ -61,10 +70,16 @@ def check_variant(variant):
     recomputing one, and @N or @all."""
     name, _, pages = variant.partition("@")
     base, _, store = name.partition("+")
+    try:
+        base, theta = what(variant)
+    except ValueError:
+        base = None
     if (base not in VARIANTS or store not in ("", "int8-offload", "ott-offload")
-            or (pages and pages != "all" and not (pages.isdigit() and int(pages) > 0))):
+            or (pages and pages != "all" and not (pages.isdigit() and int(pages) > 0))
+            or theta is not None and (len(theta) != 2 or not base.startswith("calidrop"))):
         raise UsageError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)}, optionally with "
-                         f"+int8-offload or +ott-offload, and @N or @all pages per recompute)")
+                         f"+int8-offload or +ott-offload, @N or @all pages per recompute, and calidrop's with "
+                         f"/theta1/theta2)")
 
 
 def make_store(kind, device):
@@ -124,11 +139,11 @@ def compress(args, method, budget, variants, full, recorder, length, max_new, in
     Returns [(cache, variant names)]. With a reload capacity each variant is a cache of its own: the capacity
     is shared by the batch of its S sequences."""
     device = full.slots.device
-    theta1 = torch.tensor([thresholds(v, args)[0] for v in variants])  # one recomputes: keep the evicted K/V
+    theta1, theta2 = torch.tensor([thresholds(v, args) for v in variants]).T  # one recomputes: keep the evicted K/V
     ranked = any(reload_pages(v, args) is not None for v in variants)  # one may rank pages: sketch them
     first_order = any(estimate(v) == "first-order" for v in variants)  # one needs kbar in the history
     config = calidrop.CaliDropConfig(method=method, budget=budget, window=args.window, sink=args.sink,
-                                     theta1=theta1, theta2=args.theta2, page_size=args.page_size,
+                                     theta1=theta1, theta2=theta2, page_size=args.page_size,
                                      reload_pages=1 if ranked else None, reload_capacity=args.reload_capacity,
                                      estimate="first-order" if first_order else "paper")
     base = calidrop.CaliDropCache.from_prefill(config, [k[:, :, :length] for k in full.k],
