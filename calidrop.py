@@ -1,14 +1,11 @@
 """CaliDrop: KV-cache eviction plus calibration of the evicted tokens (Su et al., arXiv 2507.19906).
 
-One file, torch only, to read top to bottom or copy into another project. It follows the method:
-  1. attention as an (out, lse) pair, and the exact merge of two such pairs
-  2. the eviction scores of StreamingLLM, H2O, SnapKV and PyramidKV, and one selection
-  3. the settings and the prefill: what scoring needs, recorded while the prompt runs
-  4. decoding: attend the kept cache, then per head calibrate, recompute or do nothing
-  5. accounting: decisions, bytes held, bytes read back
-A recompute reads every evicted token of its KV head (the paper's rule). With calidrop_pages.py beside this
-file (this project's accelerator) it reads only the pages that hold most of the query's attention
-(reload_pages), at most reload_capacity pairs a step, and the decode step compiles to one graph.
+One file, torch only, to read top to bottom or copy into another project: 1. attention as an (out, lse) pair
+and the exact merge of two; 2. the eviction scores (StreamingLLM, H2O, SnapKV, PyramidKV) and one selection;
+3. the settings and the prefill; 4. decoding: attend the kept cache, then per head calibrate, recompute or do
+nothing, and (interval) evict again while decoding; 5. accounting. A recompute reads every evicted token of its
+KV head, the paper's rule; with calidrop_pages.py beside this file (this project's accelerator) only the pages
+that hold most of the query's attention, at most reload_capacity pairs a step, in a step that compiles whole.
 
 The cache plugs into a model through one call, `cache.attend(layer, q, k, v, pos)`, with post-RoPE
 q (B, Hq, T, D) and k, v (B, Hkv, T, D). It is built from a finished prefill (model.py's names):
@@ -42,13 +39,9 @@ ESTIMATES = ("paper", "first-order")
 # ------------------------------------------------------------------ 1. attention as (out, lse), merge
 
 def attention_with_lse(q, k, v, visible=None):
-    """One query per head over a set of keys.
-
-    q (B, Hq, D); k, v (B, Hkv, S, D); visible None or bool broadcastable to (B, Hkv, Hq // Hkv, S).
-    Returns out (B, Hq, v.shape[-1]) in v's dtype and lse (B, Hq) in float32 (or float64), the log of the softmax
-    denominator. A head that sees no key (S = 0, or all masked) gets out 0 and lse -inf, the identity of
-    `merge`.
-    """
+    """One query per head over a set of keys: q (B, Hq, D); k, v (B, Hkv, S, D); visible None or bool
+    broadcastable to (B, Hkv, Hq // Hkv, S) -> out (B, Hq, v.shape[-1]) in v's dtype, lse (B, Hq) in float32 (or
+    float64): the log of the softmax denominator. A head that sees no key gets out 0, lse -inf: merge's identity."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     q_grouped = q.view(B, Hkv, Hq // Hkv, D)  # the query heads that share a KV head, side by side
@@ -63,10 +56,8 @@ def attention_with_lse(q, k, v, visible=None):
 
 
 def merge(out_a, lse_a, out_b, lse_b):
-    """Attention over A u B from attention over A and over B: exact (flash attention's block merge).
-
-    attention(A u B) = w * o_A + (1 - w) * o_B,  w = sigmoid(lse_A - lse_B).
-    """
+    """Attention over A u B from attention over A and over B, exactly (flash attention's block merge):
+    attention(A u B) = w * o_A + (1 - w) * o_B,  w = sigmoid(lse_A - lse_B)."""
     diff = (lse_a - lse_b).nan_to_num(0.0)  # NaN: A and B both empty (-inf), whose outputs are both 0
     w_a = torch.sigmoid(diff)[..., None]
     w_b = torch.sigmoid(-diff)[..., None]  # = 1 - w_a, without the cancellation
@@ -103,11 +94,9 @@ def score_streamingllm(positions, sink):
 
 
 def h2o_column_sums(q, k, pads=None, chunk=256):
-    """Attention each key receives, summed over the queries (causal): H2O's heavy-hitter score.
-
-    q (B, Hq, Lq, D), the queries of the last Lq of the keys k (B, Hkv, L, D) (the prompt's: all of them) ->
-    (B, Hq, L) float32; pads (B,) left padding, which neither gives nor receives attention. Query chunks bound
-    the memory to Hq x chunk x L scores at a time, not Hq x L x L."""
+    """Attention each key receives, summed over the queries (causal): H2O's heavy-hitter score. q (B, Hq, Lq, D),
+    the queries of the last Lq of the keys k (B, Hkv, L, D) (the prompt's: all) -> (B, Hq, L) float32; pads (B,)
+    left padding, which neither gives nor receives attention. Chunks of queries bound the memory."""
     B, Hq, Lq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     q_grouped = q.view(B, Hkv, Hq // Hkv, Lq, D)
@@ -132,11 +121,8 @@ def score_h2o(column_sums, n_kv_heads, recent):
 
 def score_snapkv(window_q, k, pool_kernel=5, pads=None):
     """(B, Hkv, L): the observation window always; earlier keys by the attention the window pays them.
-
-    window_q (B, Hq, W, D): the last W prompt queries, post-RoPE; k (B, Hkv, L, D). Each window query
-    attends causally over every key it can see, as in the prefill (not the left padding pads (B,)); the
-    votes are summed over the window and smoothed by 1-D average pooling (kernel 5, same padding), as in
-    SnapKV."""
+    window_q (B, Hq, W, D): the queries of the last W keys of k (B, Hkv, L, D), post-RoPE, each attending causally
+    (not the left padding pads (B,)); the votes summed over the window, pooled (average, kernel 5, same padding)."""
     B, Hq, W, D = window_q.shape
     Hkv, L = k.shape[1], k.shape[2]
     q_grouped = window_q.view(B, Hkv, Hq // Hkv, W, D)
@@ -151,9 +137,8 @@ def score_snapkv(window_q, k, pool_kernel=5, pads=None):
     return torch.cat([votes, torch.full((B, Hkv, W), float("inf"), device=k.device)], dim=-1)
 
 
-# Every method's scores of one layer's prompt keys k (B, Hkv, L, D) -> (B, Hkv, L), from the config, what
-# the PrefillRecorder kept for that layer and the left padding (None or (B,)). PyramidKV scores as SnapKV;
-# only its budgets differ.
+# Every method's scores of one layer's keys k (B, Hkv, L, D) -> (B, Hkv, L), from the config, what was recorded
+# for that layer and the left padding (None or (B,)). PyramidKV scores as SnapKV; only its budgets differ.
 SCORERS = {
     "streamingllm": lambda config, k, recorded, pads: score_streamingllm(own_positions(k.shape[2], pads, k.device),
                                                                          config.sink)[:, None].expand(k.shape[:3]),
@@ -172,11 +157,9 @@ def score(config, k, recorded, pads=None):
 
 
 def pyramid_budgets(budget, n_layers, window, beta=20):
-    """PyramidKV: per-layer budgets decreasing linearly with depth, summing to budget x n_layers.
-
-    The part outside the window goes from 2 x span - low (layer 0) down to low = span / beta (the last
-    layer, at least 1), span = budget - window, as in PyramidKV's reference code; rounding by largest
-    remainders keeps the sum exact."""
+    """PyramidKV: per-layer budgets decreasing linearly with depth, summing to budget x n_layers. The part outside
+    the window goes from 2 x span - low (layer 0) to low = span / beta (the last, at least 1), span = budget -
+    window, as in PyramidKV's reference code; rounding by largest remainders keeps the sum exact."""
     if n_layers == 1:
         return [budget]
     span = budget - window
@@ -219,9 +202,8 @@ class CaliDropConfig:
     estimate: str = "paper"       # what a calibrate merges: "paper" (the history as it is) or "first-order" (its
                                   # lse followed to the query: the evicted keys' mean kbar, D more per head)
     pool_kernel: int = 5
-    # which evicted tokens a recompute reads (calidrop_pages.py): "auto" (pages where ranking them costs less
-    # than reading every token), a number of pages, or None (every evicted token: the paper's rule)
-    reload_pages: int | str | None = "auto"
+    reload_pages: int | str | None = "auto"  # what a recompute reads (calidrop_pages.py): "auto" (ranked pages where
+                                             # that costs less), a number of pages, None (every evicted token)
     page_size: int = 16           # evicted tokens per page: the unit a recompute reads
     reload_capacity: int | None = None  # (sequence, KV head) pairs per layer-step that may recompute (None: all)
     interval: int | None = None   # decode-time eviction: every `interval` new tokens the kept cache is cut back to
@@ -283,10 +265,9 @@ class Recorded:
 
 
 class PrefillRecorder:
-    """Wraps the full cache during a one-shot prefill and records, per layer, what scoring and calibration
-    need: the last `window` queries (SnapKV's observation window; the last one is hist_q) and, with
-    h2o=True, the attention each key received from all prompt queries. pads (B,): a batch of prompts of
-    different lengths, left-padded (sequence b's first pads[b] slots are padding); None: no padding."""
+    """Wraps the full cache during a one-shot prefill and records per layer what scoring and calibration need:
+    the last `window` queries (SnapKV's window; the last is hist_q) and, with h2o=True, the attention each key
+    received from all prompt queries. pads (B,): left-padded prompts (sequence b's first pads[b] slots)."""
 
     def __init__(self, cache, window=32, h2o=False, pads=None):
         self.cache, self.window, self.h2o, self.pads = cache, window, h2o, pads
@@ -304,7 +285,7 @@ class PrefillRecorder:
 
 def history_values(config, k, v):
     """The values a history attends: v, and with the "first-order" estimate the keys too (their mean under the
-    attention weights is lse's gradient in q): the merge keeps both exact, as accumulated over any split."""
+    weights is lse's gradient in q), which every merge then keeps exact."""
     return v if config.estimate == "paper" else torch.cat([v, k], -1)
 
 
@@ -318,12 +299,10 @@ class Layer:
                                # compiled step does not depend on the prompt length)
     slots: torch.Tensor        # (kept + new,) slot numbers, to mask the slots not yet written
     evicted_len: int           # evicted tokens per (sequence, KV head) the store holds room for
+    evicted_lens: torch.Tensor # (B,) each sequence's evicted tokens, the store's first ones (then pads, or room)
     kept_visible: torch.Tensor | None = None  # left padding: (B, 1, 1, kept + new), False on kept pads
-    evicted_lens: torch.Tensor | None = None  # left padding or interval: (B,) each sequence's evicted tokens,
-                                              # the store's first ones (the rest: pads, or room)
     hist_q: torch.Tensor | None = None    # (B, Hq, D): the query the history was computed with
-    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q), attention over the evicted set; "first-order":
-                                          # (B, Hq, 2D), then kbar, the same attention with the keys for values
+    hist_out: torch.Tensor | None = None  # (B, Hq, D): o_E(hist_q) ("first-order": (B, Hq, 2D), then kbar)
     hist_lse: torch.Tensor | None = None  # (B, Hq) float32: lse_E(hist_q)
     pages: "calidrop_pages.LayerPages | None" = None  # the pages a recompute reads (None: every evicted token)
     # decode-time eviction (config.interval): the kept buffers hold budget + interval tokens
@@ -359,7 +338,7 @@ class OffloadStore:
         return self.k[layer], self.v[layer]
 
     def write(self, layer, at, k, v):
-        """k, v (B, Hkv, n, D) evicted while decoding, to each sequence b's tokens at[b]..at[b] + n - 1 (room put there)."""
+        """k, v (B, Hkv, n, D) evicted while decoding, to each sequence b's tokens at[b].. (room put there)."""
         index = (at[:, None, None, None] + torch.arange(k.shape[2], device=at.device)[:, None]).expand(k.shape)
         for x, new in ((self.k[layer], k), (self.v[layer], v)):
             x.scatter_(2, index.to(x.device), new.to(x.device))
@@ -377,8 +356,8 @@ def read_tokens(x, rows, kv_heads, tokens):
 
 
 class CaliDropCache:
-    """The compressed cache: per layer, the kept K/V (budget prompt tokens + room for max_new_tokens) and
-    the calibration state (Layer); the evicted K/V of every layer in an offload store."""
+    """The compressed cache: per layer the kept K/V and the calibration state (Layer); the evicted K/V of every
+    layer in an offload store."""
 
     def __init__(self, config, prompt_len, layers, store, batch_heads, pads=None):
         self.config, self.prompt_len, self.layers, self.store = config, prompt_len, layers, store
@@ -412,22 +391,21 @@ class CaliDropCache:
                 keep, evicted = torch.arange(L, device=k.device).expand(B, Hkv, L), k.new_zeros(B, Hkv, 0).long()
             else:
                 keep, evicted = select(score(config, k, recorded, pads), kept, config.calibration_size)
-            # the kept buffers' slots: the kept tokens and every new one, or with decode-time eviction the budget
-            # and the interval's new tokens; the store makes room for what decoding may evict
+            # the kept slots: the kept tokens and every new one (interval: budget + interval); room in the store
+            # for what decoding may evict
             size = budgets[i] + config.interval if config.interval else kept + max_new_tokens
             store_room = max(kept + max_new_tokens - budgets[i], 0) if config.interval else 0
             k_kept, v_kept = (F.pad(gather_tokens(x, keep), (0, 0, 0, size - kept)) for x in (k, v))
-            layer = Layer(k_kept, v_kept, kept, torch.tensor([kept - L], device=k.device),
-                          torch.arange(size, device=k.device), evicted.shape[2] + store_room, budget=budgets[i], cut_pos=L)
+            layer = Layer(k_kept, v_kept, kept, torch.tensor([kept - L], device=k.device), torch.arange(size, device=k.device),
+                          evicted.shape[2] + store_room, torch.full((B,), evicted.shape[2], device=k.device),
+                          budget=budgets[i], cut_pos=L)
             evicted_visible, pad = None, 0  # (B, Hkv, 1, E)
             if pads is not None:
                 pad = pads[:, None, None]
                 layer.kept_visible = F.pad(keep >= pad, (0, size - kept), value=True)[:, :1, None]
                 evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))  # pads last
                 evicted_visible = (evicted >= pad)[:, :, None]
-            if pads is not None or config.interval:
-                layer.evicted_lens = torch.full((B,), evicted.shape[2], device=k.device) if pads is None else \
-                    evicted_visible[:, 0, 0].sum(-1)
+                layer.evicted_lens = evicted_visible[:, 0, 0].sum(-1)
             if config.interval:
                 layer.positions = F.pad(keep - pad, (0, size - kept))
                 window = {"streamingllm": 0, "h2o": config.interval}.get(config.method, min(config.window, config.interval))
@@ -489,10 +467,9 @@ class CaliDropCache:
         return torch.where((calibrate | recompute)[..., None], merged, out_kept)
 
     def evicted_at(self, state, q):
-        """What a calibrate decision merges for q (B, Hq, D): the history as it is ("paper": the speculation), or
-        its lse followed to first order in q ("first-order"), lse_E(q) ~ hist_lse + (q - hist_q).kbar / sqrt(D),
-        kbar = sum_i p_i k_i under hist_q's weights p: lse's tangent, so never above the evicted mass (lse is
-        convex in q). Exact at q = hist_q, so a recompute merges its exact history either way."""
+        """What a calibrate merges for q (B, Hq, D): the history as it is ("paper": the speculation), or its lse to
+        first order in q ("first-order"): lse_E(q) ~ hist_lse + (q - hist_q).kbar / sqrt(D), kbar = sum_i p_i k_i
+        under hist_q's weights: lse's tangent, never above it (lse is convex), exact at q = hist_q."""
         D = q.shape[-1]
         if self.config.estimate == "paper":
             return state.hist_out, state.hist_lse
@@ -500,16 +477,15 @@ class CaliDropCache:
         return state.hist_out[..., :D], state.hist_lse + ((q.float() - state.hist_q.float()) * kbar).sum(-1) / math.sqrt(D)
 
     def stale_heads(self, rho):
-        """(B, Hq) bool: the query heads to recompute now, rho < theta1 (with a reload capacity, those of at
-        most that many (sequence, KV head) pairs: calidrop_pages.py)."""
+        """(B, Hq) bool: the heads to recompute now, rho < theta1 (at most reload_capacity pairs: calidrop_pages.py)."""
         stale = rho < self.config.theta1
         return stale if self.config.reload_capacity is None else calidrop_pages.within_capacity(
             stale, rho, self.layers[0].k.shape[1], self.config.reload_capacity)
 
     def refresh_history(self, layer, q, lse_kept, recompute):
-        """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q
-        over the evicted tokens it reads back: all of them, or (calidrop_pages.py) the pages that hold the
-        most of its attention. Only the KV heads with a recomputing query head read anything."""
+        """For the heads in recompute (B, Hq): hist_q <- q and (hist_out, hist_lse) <- exact attention of q over the
+        evicted tokens read back: all, or the pages that hold most of its attention (calidrop_pages.py); only
+        the KV heads with a recomputing query head read."""
         state = self.layers[layer]
         B, Hq, D = q.shape
         Hkv = state.k.shape[1]
@@ -523,10 +499,10 @@ class CaliDropCache:
             else:  # compiled: as many pairs whatever the decisions, so that the step is one graph
                 rows, kv_heads, needed = calidrop_pages.reading_pairs(reload, self.config.reload_capacity)  # (n,) each
             q_grouped = q.view(B, Hkv, Hq // Hkv, D)[rows, kv_heads]  # (n, G, D): one KV head's query heads
-            lens = None if state.evicted_lens is None else state.evicted_lens[rows, None]  # (n, 1)
+            lens = state.evicted_lens[rows, None]  # (n, 1)
             if state.pages is None:  # every evicted token (the paper's rule)
                 tokens = torch.arange(state.evicted_len, device=q.device).expand(len(rows), -1)  # (n, E)
-                visible = torch.ones_like(tokens, dtype=torch.bool) if lens is None else tokens < lens
+                visible = tokens < lens
             else:
                 tokens, visible = state.pages.tokens(rows, kv_heads, q_grouped, lse_kept.view(B, Hkv, -1)[rows, kv_heads],
                                                      recompute.view(B, Hkv, -1)[rows, kv_heads], lens)
@@ -558,9 +534,9 @@ class CaliDropCache:
                 self.cut(i, pos)
 
     def cut(self, layer, pos):
-        """The kept tokens scored as the prefill scored the prompt (the last decode queries as SnapKV's window and
-        as H2O's new queries), the budget kept, the rest evicted as the prompt's were: merged into the history
-        (exact: under the same hist_q, a disjoint set), written to the store and to the page sketch."""
+        """The kept tokens scored as the prompt was (the last decode queries as SnapKV's window and H2O's new
+        queries), the budget kept, the rest evicted as the prompt's were: merged into the history (exact: the same
+        hist_q, a disjoint set), written to the store and the page sketch."""
         state, config, S = self.layers[layer], self.config, self.layers[layer].k.shape[2]
         pads = None if state.kept_visible is None else (~state.kept_visible[:, 0, 0]).sum(-1)  # kept pads lead
         state.positions[:, :, state.kept_len:] = torch.arange(state.cut_pos, pos, device=state.k.device) - (
@@ -633,11 +609,8 @@ class CaliDropCache:
                 for s in self.layers]
         peak = sum(b * s.k.shape[2] if s.cut_pos > self.prompt_len else n for s, n in zip(self.layers, kept))
         kept = sum(kept)
-        offloaded = 0.0
-        if self.store.nbytes():  # every layer's evicted set, when a recompute may read it
-            for i, s in enumerate(self.layers):
-                tokens = b * s.evicted_len if s.evicted_lens is None else int(s.evicted_lens.cpu()[rows].sum())
-                offloaded += self.store.nbytes(i) * tokens / (B * s.evicted_len) if tokens else 0
+        offloaded = sum(self.store.nbytes(i) * int(s.evicted_lens.cpu()[rows].sum()) / (B * s.evicted_len)
+                        for i, s in enumerate(self.layers) if s.evicted_len) if self.store.nbytes() else 0.0
         history = [t for s in self.layers for t in (s.hist_q, s.hist_out, s.hist_lse) if t is not None]
         scoring = [t for s in self.layers for t in (s.recent_q, s.received) if t is not None]
         steps = max(generated, 1)

@@ -31,7 +31,7 @@ def make_config(args) -> calidrop.CaliDropConfig:
         method=args.method, budget=args.budget, window=args.window, sink=args.sink, theta1=args.theta1,
         theta2=args.theta2, calibration=not args.no_calibration, calibration_size=args.calibration_size,
         page_size=args.page_size, reload_pages=None if args.offload_quant == "ott" else args.reload_pages,
-        reload_capacity=args.reload_capacity, interval=args.interval)
+        reload_capacity=args.reload_capacity, interval=args.interval, estimate=args.estimate)
 
 
 def make_store(args, device):
@@ -111,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
     g.add_argument("--calibration-size", type=int, default=None,
                    help="offload and calibrate with only this many evicted tokens (default: all)")
+    g.add_argument("--estimate", default="paper", choices=calidrop.ESTIMATES,
+                   help="what a calibrate decision merges: the history as it is (paper), or its lse followed to the "
+                        "current query to first order (first-order: D more values per head)")
     g.add_argument("--interval", type=int, default=None,
                    help="decode-time eviction: every N new tokens the kept cache is cut back to --budget, what it "
                         "evicts calibrated with and offloaded (default: the budget applies to the prompt only)")
@@ -331,7 +334,7 @@ def run_settings(args, ckpt, config, cache, device, dtype):
     return {"ckpt": str(ckpt), "method": args.method, "budget": None if config is None else config.budget,
             "compressed": isinstance(cache, calidrop.CaliDropCache), **quantization,
             "calibration": config is not None and config.calibration, "theta1": args.theta1, "theta2": args.theta2,
-            **({"interval": args.interval} if args.interval else {}),
+            **({"interval": args.interval} if args.interval else {}), "estimate": args.estimate,
             "device": str(device), "dtype": str(dtype), "compile": args.compile}
 
 

@@ -475,6 +475,23 @@ def test_generation_cache_makes_room_as_tokens_come(tmp_path, one_thread):
     assert grown[0][1].layers[0].k.shape[2] >= 24 + 19 > 24 + 3  # it really grew
 
 
+def test_generate_with_decode_time_eviction(tmp_path, one_thread):
+    """config.interval through model.generate(): recomputing every step over every evicted token, the model's own
+    full-cache tokens over 40 new tokens (4 cuts every 8), its kept cache within budget + interval tokens; more
+    new tokens than the store was sized for is one ValueError."""
+    oracle, model = load_pair("Llama", tmp_path / "l")
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 50), generator=torch.Generator().manual_seed(6))
+    config = calidrop.CaliDropConfig(budget=24, window=8, theta1=2.0, interval=8)
+    expected = hf_generate(oracle, tokens, max_new_tokens=40, eos_token_id=None)
+    cache = tc.GenerationCache(model, config, 40)
+    assert torch.equal(hf_generate(model, tokens, cache, max_new_tokens=40, eos_token_id=None), expected)
+    assert all(s.cut_pos == 50 + 32 and s.k.shape[2] == 24 + 8 for s in cache.kv.layers)
+    per_token = 2 * SMALL["num_hidden_layers"] * SMALL["num_key_value_heads"] * SMALL["head_dim"] * 4
+    assert cache.kv.stats(50 + 39)["kv_bytes_kept"] == 2 * (24 + 7) * per_token
+    with pytest.raises(ValueError, match="max_new_tokens=8 evicted tokens"):
+        hf_generate(model, tokens, tc.GenerationCache(model, config, 8), max_new_tokens=12, eos_token_id=None)
+
+
 # ------------------------------------------------------------------------------------------------- the CLI
 
 def run_cli(script, *args):

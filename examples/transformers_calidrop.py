@@ -196,7 +196,7 @@ def prefill_cache(model, config, prompt_len, max_new_tokens, pads=None):
     PrefillRecorder that wraps it when config (None: the full cache) will compress it (None when the prompt
     fits in the budget): (full, recorder)."""
     check_model(model, prompt_len + max_new_tokens)
-    compress = config is not None and prompt_len > config.budget
+    compress = config is not None and (prompt_len > config.budget or config.interval is not None)
     full = KVCache(prompt_len if compress else prompt_len + max_new_tokens, pads)
     return full, (calidrop.PrefillRecorder(full, config.window, h2o=config.method == "h2o", pads=pads)
                   if compress else None)
@@ -255,7 +255,9 @@ class GenerationCache(transformers.Cache):
     side of it: the KVCache, or after compression the CaliDropCache (decisions(), stats(), counts, reloads).
     A left-padded batch (zeros at the start of attention_mask's rows): `pads` (B,), read off the mask at the
     prefill; each sequence's stats are `kv.stats(n, rows=slice(b, b + 1))`. max_new_tokens: the room for new
-    tokens made at the prefill (generate() does not tell its cache its own); more is made when it fills."""
+    tokens made at the prefill (generate() does not tell its cache its own); more is made when it fills, except
+    with decode-time eviction (config.interval), whose kept cache stays within budget + interval tokens and whose
+    offload store is sized for max_new_tokens at the prefill: then give generate()'s."""
 
     def __init__(self, model, config, max_new_tokens=64, store=None):
         check_model(model, 1)
@@ -280,6 +282,9 @@ class GenerationCache(transformers.Cache):
             raise ValueError("a GenerationCache serves one generate() call: one prefill, then one token per "
                              "forward (no chunked prefill, assisted decoding or second call: make a new cache)")
         elif self.length - self.prompt_len >= self.room:  # full: twice the room (a copy of the kept buffers)
+            if self.config is not None and self.config.interval:
+                raise ValueError(f"with decode-time eviction (interval) the offload store makes room for "
+                                 f"max_new_tokens={self.room} evicted tokens: give GenerationCache generate()'s")
             check_model(self.model, self.length + self.room)
             make_room(self.kv, self.room)
             self.room *= 2

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
     g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
+    g.add_argument("--estimate", default="paper", choices=calidrop.ESTIMATES, help="what a calibrate decision merges")
+    g.add_argument("--interval", type=int, default=None, help="decode-time eviction every this many new tokens")
     add_reload_args(g)
     # generate.py's options that this CLI lacks (sampling, quantization, offload storage, calibration size,
     # compile) at their defaults, so that its checks and stats apply as they are
