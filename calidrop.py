@@ -537,7 +537,7 @@ class CaliDropCache:
         """The kept tokens scored as the prompt was (the last decode queries as SnapKV's window and H2O's new
         queries), the budget kept, the rest evicted as the prompt's were: merged into the history (exact: the same
         hist_q, a disjoint set), written to the store and the page sketch."""
-        state, config, S = self.layers[layer], self.config, self.layers[layer].k.shape[2]
+        state, config = self.layers[layer], self.config
         pads = None if state.kept_visible is None else (~state.kept_visible[:, 0, 0]).sum(-1)  # kept pads lead
         state.positions[:, :, state.kept_len:] = torch.arange(state.cut_pos, pos, device=state.k.device) - (
             0 if self.pads is None else self.pads[:, None, None])

@@ -239,7 +239,7 @@ class LayerPages:
         valid = (torch.arange(m, device=at.device) < n[:, None])[:, None, :, None]  # (B, 1, m, 1)
         sketch.coords.scatter_(2, rows[..., None].expand(-1, -1, -1, sketch.coords.shape[-1]), pack(codes, 4))
         sketch.positions.scatter_(2, rows, positions.to(torch.int32))
-        E, P = sketch.positions.shape[-1], sketch.page_positions.shape[-1]
+        E = sketch.positions.shape[-1]
         before, after = (page_counts(E, self.page_size, at.device, x[:, None, None]) for x in (at, at + n))
         sums = torch.cat([sketch.page_coords, sketch.page_positions[..., None]], -1) * before[..., None]
         new = torch.cat([coords, positions[..., None].float()], -1) * valid  # (B, Hkv, m, r + 1)

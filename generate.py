@@ -84,20 +84,23 @@ def sample(logits, temperature, top_k, generator):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def build_parser(description=__doc__, everything=True):
+    """generate.py's flags; without `everything`, those that the transformers CLI (examples/transformers_generate.py)
+    takes too: no sampling, --compile, --calibration-size, --offload-quant or whole-cache quantization."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--prompt", action="append", default=[],
                    help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
     p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most: fewer where a stop token comes")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    p.add_argument("--seed", type=int, default=0, help="of the sampling")
+    if everything:
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+        p.add_argument("--seed", type=int, default=0, help="of the sampling")
+        p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--stats-json", help="write the run's numbers to this file as one JSON object")
     g = p.add_argument_group("KV-cache compression")
     g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
@@ -109,23 +112,29 @@ def parse_args(argv=None):
                    help="calibrate when cos(q, hist_q) > theta2 (> theta1 unless theta1 is an extreme; > 1: never)")
     g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
-    g.add_argument("--calibration-size", type=int, default=None,
-                   help="offload and calibrate with only this many evicted tokens (default: all)")
     g.add_argument("--estimate", default="paper", choices=calidrop.ESTIMATES,
                    help="what a calibrate decision merges: the history as it is (paper), or its lse followed to the "
                         "current query to first order (first-order: D more values per head)")
     g.add_argument("--interval", type=int, default=None,
                    help="decode-time eviction: every N new tokens the kept cache is cut back to --budget, what it "
                         "evicts calibrated with and offloaded (default: the budget applies to the prompt only)")
-    g.add_argument("--offload-quant", default="none", help="storage of CaliDrop's evicted K/V: none, int8, ott")
+    if everything:
+        g.add_argument("--calibration-size", type=int, default=None,
+                       help="offload and calibrate with only this many evicted tokens (default: all)")
+        g.add_argument("--offload-quant", default="none", help="storage of CaliDrop's evicted K/V: none, int8, ott")
     add_reload_args(g)
-    q = p.add_argument_group("KV-cache quantization (ott.py)")
-    q.add_argument("--kv-quant", default="none", help="none, kivi, ott: quantize the whole cache (--method full)")
-    q.add_argument("--kv-bits", default="2", help="2, 4, 8, or 16 / none (no quantization)")
-    q.add_argument("--outliers", type=int, default=3, help="OTT's full-precision outlier tokens per KV head")
-    q.add_argument("--group", type=int, default=128, help="tokens per quantization group (keys per channel)")
-    q.add_argument("--residual", type=int, default=32, help="recent tokens kept in full precision")
-    return p.parse_args(argv)
+    if everything:
+        q = p.add_argument_group("KV-cache quantization (ott.py)")
+        q.add_argument("--kv-quant", default="none", help="none, kivi, ott: quantize the whole cache (--method full)")
+        q.add_argument("--kv-bits", default="2", help="2, 4, 8, or 16 / none (no quantization)")
+        q.add_argument("--outliers", type=int, default=3, help="OTT's full-precision outlier tokens per KV head")
+        q.add_argument("--group", type=int, default=128, help="tokens per quantization group (keys per channel)")
+        q.add_argument("--residual", type=int, default=32, help="recent tokens kept in full precision")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):

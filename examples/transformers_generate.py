@@ -17,39 +17,17 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # generate.py, common.py: the repository's root
-import calidrop  # noqa: E402
 import generate as cli  # noqa: E402
 import transformers_calidrop as tc  # noqa: E402  (this directory)
-from common import (CKPT_HELP, HelpFormatter, TextCodec, UsageError, add_reload_args, log,  # noqa: E402
-                    resolve_checkpoint, run_cli, synchronize)
+from common import TextCodec, UsageError, log, resolve_checkpoint, run_cli, synchronize  # noqa: E402
 from model import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", help=CKPT_HELP)
-    p.add_argument("--prompt", action="append", default=[],
-                   help="the prompt text (several: one batch of prompts of different lengths, left-padded)")
-    p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from this file (as --prompt)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat format")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most: fewer where a stop token comes")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
-    p.add_argument("--stats-json", help="write the run's numbers to this file as one JSON object")
-    g = p.add_argument_group("KV-cache compression")
-    g.add_argument("--method", default="snapkv", help="full, " + ", ".join(calidrop.METHODS))
-    g.add_argument("--budget", type=int, default=256, help="prompt tokens kept per layer and KV head")
-    g.add_argument("--no-calibration", action="store_true", help="plain eviction, no CaliDrop")
-    g.add_argument("--theta1", type=float, default=0.7, help="recompute when cos(q, hist_q) < theta1")
-    g.add_argument("--theta2", type=float, default=0.85, help="calibrate when cos(q, hist_q) > theta2")
-    g.add_argument("--window", type=int, default=32, help="SnapKV observation window")
-    g.add_argument("--sink", type=int, default=32, help="StreamingLLM sink tokens")
-    g.add_argument("--estimate", default="paper", choices=calidrop.ESTIMATES, help="what a calibrate decision merges")
-    g.add_argument("--interval", type=int, default=None, help="decode-time eviction every this many new tokens")
-    add_reload_args(g)
-    # generate.py's options that this CLI lacks (sampling, quantization, offload storage, calibration size,
-    # compile) at their defaults, so that its checks and stats apply as they are
-    return argparse.Namespace(**{**vars(cli.parse_args([])), **vars(p.parse_args(argv))})
+    """generate.py's flags that apply here; the others (sampling, quantization, offload storage, calibration size,
+    compile) at generate.py's defaults, so that its checks and stats apply as they are."""
+    mine = cli.build_parser(__doc__, everything=False).parse_args(argv)
+    return argparse.Namespace(**{**vars(cli.parse_args([])), **vars(mine)})
 
 
 def context_length(ckpt):

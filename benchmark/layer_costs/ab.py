@@ -11,6 +11,7 @@ import time
 import torch
 
 import calidrop_pages
+from benchmark.layer_costs.parts import inv_freq, random_pairs
 from calidrop_pages import page_counts, page_tokens, page_weights, rotate, shortlist_size, unpack
 
 
@@ -52,19 +53,8 @@ def top_pages_with_table(table, sketch, rows, kv_heads, q_grouped, lse_kept, hea
 def main(E=7808, N=31, rounds=200):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    Hkv, G, D, B = 3, 3, 64, 1
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    k = torch.randn(B, Hkv, E, D)
-    pos = torch.arange(E).expand(B, Hkv, E)
-    sk = calidrop_pages.sketch_keys(k, pos, inv_freq, 16)
-    n = B * Hkv
-    rows = torch.arange(B).repeat_interleave(Hkv)
-    kvh = torch.arange(Hkv).repeat(B)
-    qg = torch.randn(n, G, D)
-    lse = torch.randn(n, G)
-    heads = torch.ones(n, G, dtype=torch.bool)
     table = rope_table(E + 300, inv_freq)
-    args = (sk, rows, kvh, qg, lse, heads, N, 16, inv_freq)
+    args = (*random_pairs(1, E), N, 16, inv_freq)
     fa = torch.compile(lambda: top_pages_with_table(table, *args), fullgraph=True)
     fb = torch.compile(lambda: calidrop_pages.top_pages(*args), fullgraph=True)
     ta, tb = [], []
@@ -77,6 +67,7 @@ def main(E=7808, N=31, rounds=200):
             t0 = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t0)
+    n = len(args[1])  # the (sequence, KV head) pairs
     print(f"top_pages per pair at E={E}, N={N}: table {1e6*statistics.median(ta)/n:.1f} us, "
           f"computed {1e6*statistics.median(tb)/n:.1f} us")
 

@@ -29,6 +29,15 @@ def coarse_only(sketch, rows, kv_heads, q_grouped, lse_kept, heads, n_pages, pag
     return page_tokens(best, page_size, E)
 
 
+def random_pairs(B, E):
+    """A random key sketch of E evicted tokens for every (sequence, KV head) pair of B sequences, and each pair's
+    rows, KV heads, G queries, kept-cache lse and recomputing heads (all of them)."""
+    sketch = sketch_keys(torch.randn(B, Hkv, E, D), torch.arange(E).expand(B, Hkv, E), inv_freq, 16)
+    n = B * Hkv
+    return (sketch, torch.arange(B).repeat_interleave(Hkv), torch.arange(Hkv).repeat(B), torch.randn(n, G, D),
+            torch.randn(n, G), torch.ones(n, G, dtype=torch.bool))
+
+
 def t(fn, *a, n=30):
     for _ in range(3):
         fn(*a)
@@ -45,15 +54,8 @@ def main(sizes=SIZES, B=8):
     torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(0)
     for E, N in sizes:
-        k = torch.randn(B, Hkv, E, D)
-        pos = torch.arange(E).expand(B, Hkv, E)
-        sk = sketch_keys(k, pos, inv_freq, 16)
+        sk, rows, kvh, qg, lse, heads = random_pairs(B, E)
         n = B * Hkv
-        rows = torch.arange(B).repeat_interleave(Hkv)
-        kvh = torch.arange(Hkv).repeat(B)
-        qg = torch.randn(n, G, D)
-        lse = torch.randn(n, G)
-        heads = torch.ones(n, G, dtype=torch.bool)
         store = torch.randn(B, Hkv, E, D)
         full = torch.compile(lambda *a: top_pages(*a), fullgraph=True, dynamic=False)
         co = torch.compile(lambda *a: coarse_only(*a), fullgraph=True, dynamic=False)
