@@ -179,6 +179,7 @@ def as_rows(base, args, variants, kind, pages, estimate):
         hist_out = None if state.hist_out is None else state.hist_out[..., :D if estimate == "paper" else None]
         layers.append(dataclasses.replace(state, k=repeat(state.k), v=repeat(state.v), hist_q=repeat(state.hist_q),
                                           hist_out=repeat(hist_out), hist_lse=repeat(state.hist_lse),
+                                          evicted_lens=repeat(state.evicted_lens),
                                           pages=None if read is None else state.pages.repeat(n, read)))
     return calidrop.CaliDropCache(config, base.prompt_len, layers, SharedRows(store, S, n), (n * S, Hq))
 
