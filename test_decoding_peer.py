@@ -92,3 +92,17 @@ def test_snapkv_window_must_be_shorter_than_the_interval(model, rows):
     press = dp.make_press("snapkv", args(window=INTERVAL), PROMPT)
     with pytest.raises(AssertionError, match="greater than the window size"):
         dp.teacher_force(model, rows, PROMPT, NEW, {"snapkv": press})
+
+
+def test_keep_order_makes_streaming_llm_the_sinks_and_the_recent_window(model, rows, monkeypatch):
+    """With --keep-order (kvpress's ScorerPress.compress plus a sort of the kept indices) StreamingLLM holds
+    exactly its sinks and the newest tokens, in position order."""
+    from kvpress.presses.scorer_press import ScorerPress
+    monkeypatch.setattr(ScorerPress, "compress", ScorerPress.compress)  # restored after the test
+    dp.keep_position_order()
+    press = dp.make_press("streamingllm", args(), PROMPT)
+    _, _, _, ref, streams = dp.teacher_force(model, rows, PROMPT, NEW, {"streamingllm": press})
+    pos, _ = dp.kept_positions(ref, streams["streamingllm"])
+    n = TARGET + NEW % INTERVAL
+    ideal = torch.tensor(list(range(4)) + list(range(PROMPT + NEW - (n - 4), PROMPT + NEW)))
+    assert torch.equal(pos, ideal.expand_as(pos))

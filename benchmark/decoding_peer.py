@@ -78,6 +78,27 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def keep_position_order():
+    """The one deviation from kvpress, only with --keep-order: ScorerPress.compress with the kept indices sorted,
+    so that the cache stays in position order. kvpress 0.5.5 gathers them in top-k order (NVIDIA/kvpress#173,
+    acknowledged as overlooked); presses that read positions off the cache's order (StreamingLLM's sinks and
+    recent window, SnapKV's pooling over neighbours) then see a scrambled cache after the first compression.
+    Otherwise the method below is kvpress 0.5.5's, line for line."""
+    from kvpress.presses.scorer_press import ScorerPress
+    from kvpress.utils import compute_n_kept
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.compression_ratio == 0:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
+        indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values  # the added sort
+        indices = indices.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+        return keys.gather(2, indices).contiguous(), values.gather(2, indices).contiguous()
+
+    ScorerPress.compress = compress
+
+
 def make_press(scorer, args, prompt_len):
     """kvpress's prefill + decoding press for one scorer: the prompt cut to target_size at prefill, then back to
     target_size every `interval` decoding steps."""
@@ -255,6 +276,9 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=32, help="SnapKV's window_size")
     p.add_argument("--kernel", type=int, default=5, help="SnapKV's kernel_size")
     p.add_argument("--sink", type=int, default=32, help="StreamingLLM's n_sink")
+    p.add_argument("--keep-order", action="store_true",
+                   help="patch kvpress to keep the cache in position order (see keep_position_order); "
+                        "the scorers are then reported as NAME+order")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -273,7 +297,9 @@ def main(argv=None):
     model = load_model(ckpt)
     cfg = model.config
     scorers = args.scorers.split(",")
-    presses = {name: make_press(name, args, args.prompt) for name in scorers}
+    if args.keep_order:
+        keep_position_order()
+    presses = {name + ("+order" if args.keep_order else ""): make_press(name, args, args.prompt) for name in scorers}
     log(f"{args.ckpt}: {args.segments} segments x ({args.prompt} + {args.new_tokens}) tokens, "
         f"scorers {scorers}, kvpress {kvpress.__version__ if hasattr(kvpress, '__version__') else '0.5.5'}")
 
@@ -322,6 +348,7 @@ def report(args, ckpt, model, presses, rows, done, nll_ref, nll, kl, ref, stream
             "dtype": "float32", "attn_implementation": model.config._attn_implementation,
             "segments": args.segments, "prompt": args.prompt, "new_tokens": args.new_tokens, "block": args.block,
             "interval": args.interval, "target_size": args.target_size, "threads": args.threads, "seed": args.seed,
+            "keep_order": args.keep_order,
             "batch": "all segments in one batch; reference and presses in lockstep",
             "configuration": {name: repr(press) for name, press in presses.items()},
         },
