@@ -45,6 +45,17 @@ n_sink=32; ExpectedAttention kvpress's defaults (n_future_positions=512, n_sink=
 Attention is transformers' sdpa (kvpress's path that scores from DecodingPress's buffered hidden states; with eager
 attention SnapKV would score from the current query's attention row alone).
 
+What kvpress 0.5.5 does under DecodingPress, read in its source and seen in results.json's `layer0_kept` (the
+positions each press holds in layer 0 at the end, matched against the full cache's keys):
+- ScorerPress.compress gathers the kept tokens in top-k order, not position order (NVIDIA/kvpress#173). On CPU
+  torch.topk returns ties in no particular order, and StreamingLLMPress scores by ties (1 kept, 0 evicted) and
+  reads sinks and recent window off the cache's order: after the first decoding cut it holds neither its sinks
+  nor the newest tokens (KL ~1 nat). --keep-order sorts the kept indices (the one patch of kvpress, a separate
+  run reported as NAME+order).
+- SnapKVPress rotates all its window's buffered queries with the current step's RoPE (position_embeddings holds
+  one position while decoding); ExpectedAttentionPress averages RoPE over positions len(buffer) .. +512 (64 ..
+  575 here) rather than the positions that follow, and drops the buffer's first n_sink hidden states.
+
 The segments run as one batch (the presses score each row on its own; all rows have the same length, so no mask),
 the reference and the presses in lockstep (module copies sharing the weights, one per press), so that the full
 cache's distribution at each position is compared without storing it. results.json holds the settings, and per
