@@ -1,0 +1,36 @@
+"""Two variants of evaluate.py's ppl task compared cell by cell: variant a minus variant b per segment (paired),
+mean ± standard error, for NLL and KL; and the count of cells where a is above b by more than one s.e.
+
+    python -m scripts.paired_variants results/calibration/qwen_ppl12 calidrop-fo calidrop
+"""
+import json
+import sys
+
+import torch
+
+from evaluation.variants import mean_se
+
+
+def main(run_dir, a, b):
+    configs = json.load(open(f"{run_dir}/results.json"))["ppl"]["configs"]
+    by = {(c["method"], c["budget"], c["variant"]): c for c in configs}
+    print(f"{run_dir}: {a} minus {b}, paired over segments")
+    print("| method | budget | Δ NLL | Δ KL |")
+    print("|---|---:|---:|---:|")
+    above = {"nll": 0, "kl": 0}
+    cells = sorted({(m, n) for m, n, _ in by}, key=lambda c: (c[1], c[0]))
+    for method, budget in cells:
+        if (method, budget, a) not in by or (method, budget, b) not in by:
+            continue
+        row = []
+        for metric in ("nll", "kl"):
+            d = mean_se(torch.tensor(by[method, budget, a][f"{metric}_per_segment"])
+                        - torch.tensor(by[method, budget, b][f"{metric}_per_segment"]))
+            above[metric] += d["mean"] > d["se"]
+            row.append(f"{d['mean']:+.3f} ± {d['se']:.3f}")
+        print(f"| {method} | {budget} | " + " | ".join(row) + " |")
+    print(f"cells with {a} above {b} by more than one s.e.: NLL {above['nll']}, KL {above['kl']}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
