@@ -34,8 +34,9 @@ def main(ours_dir, *peer_dirs):
           f"a cut every {ours['interval']}")
     for peer_dir in peer_dirs:
         peer = json.load(open(f"{peer_dir}/results.json"))
+        peer["scorers"] = {name.removesuffix("+order"): p for name, p in peer["scorers"].items()}
         index = matched_segments(ours, peer)
-        order = " (kept indices sorted)" if peer["settings"]["keep_order"] else ""
+        order = " (kept indices sorted)" if peer["settings"].get("keep_order") else ""
         print(f"\nvs {peer_dir}{order}: segments {index} of ours")
         print("| method | row | KL | minus DecodingPress (paired) | kept MB end / peak |")
         print("|---|---|---:|---:|---:|")
