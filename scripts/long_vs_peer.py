@@ -1,5 +1,6 @@
-"""evaluate.py's long-generation rows beside kvpress's DecodingPress (benchmark/decoding_peer.py) on the same
-segments: KL(P_full || P) over the generated positions, and each row minus the peer's, paired per segment.
+"""evaluate.py's long-generation rows, each minus eviction over the whole run (paired per segment), and beside
+kvpress's DecodingPress (benchmark/decoding_peer.py) on the same segments: KL(P_full || P) over the generated
+positions, and each row minus the peer's, paired per segment.
 
     python -m scripts.long_vs_peer results/long/smollm2_2k results/long/peer_smollm2 results/long/peer_smollm2_keep_order
 
@@ -32,6 +33,17 @@ def main(ours_dir, *peer_dirs):
     mb = 2**-20
     print(f"{ours_dir}: {ours['segments']} segments of {ours['context']} + {ours['new_tokens']} tokens, "
           f"a cut every {ours['interval']}")
+    by = {(c["method"], c["variant"]): c for c in ours["configs"]}
+    print("\n| method | row | KL | minus evict (paired) | NLL | minus evict (paired) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for c in ours["configs"]:
+        evict = by[c["method"], "evict"]
+        cells = []
+        for metric in ("kl", "nll"):
+            x = torch.tensor(c[f"{metric}_per_segment"])
+            s, d = mean_se(x), mean_se(x - torch.tensor(evict[f"{metric}_per_segment"]))
+            cells += [f"{s['mean']:.3f} ± {s['se']:.3f}", f"{d['mean']:+.3f} ± {d['se']:.3f}"]
+        print(f"| {c['method']} | {c['variant']} | " + " | ".join(cells) + " |")
     for peer_dir in peer_dirs:
         peer = json.load(open(f"{peer_dir}/results.json"))
         peer["scorers"] = {name.removesuffix("+order"): p for name, p in peer["scorers"].items()}
