@@ -335,6 +335,8 @@ def test_long_task_on_the_tiny_model(tiny_ckpt, small_text, tmp_path):
         for variant in ("evict", "recompute-all", "calidrop"):
             c = by[method, variant]
             assert c["kv_bytes_kept"] <= (32 + 16) * per_token and c["kv_bytes_kept_peak"] == (32 + 16) * per_token
+            # the last cut came before position 192 + 288 = 480: the 32 kept then, and the 12 fed since
+            assert c["kept_tokens_per_head"] == 32 + 12
             if variant != "evict":  # the store holds every token not kept
                 assert c["kv_bytes_offloaded"] == (192 + 300) * per_token - c["kv_bytes_kept"]
     assert (tmp_path / "long.png").is_file() and "KL per block" in (tmp_path / "results.md").read_text()

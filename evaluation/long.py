@@ -75,7 +75,7 @@ def task_long(model, codec, args, device):
         configs.append({"method": method, "budget": budget, "variant": variant,
                         **block_metrics(nll[i], divergence[i], spread[i]), **stats,
                         "bytes_at": {c: held[c][i - 1] for c in held}, "decisions": cache.decisions(),
-                        "kept_tokens_per_head": stats["kv_bytes_kept"] / per_token / model.args.n_layers})
+                        "kept_tokens_per_head": stats["kv_bytes_kept"] / per_token})  # per (layer, KV head)
     return {"full": {**block_metrics(nll[0], divergence[0], spread[0]), "kv_bytes_kept": full.kv_bytes(C + T) / S},
             "configs": configs, "segments": S, "context": C, "new_tokens": T, "interval": args.interval,
             "block": BLOCK, "decode_s": decode_s}
