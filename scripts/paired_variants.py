@@ -2,6 +2,8 @@
 mean ± standard error, for NLL and KL; and the count of cells where a is above b by more than one s.e.
 
     python -m scripts.paired_variants results/calibration/qwen_ppl12 calidrop-fo calidrop
+    python -m scripts.paired_variants results/calibration/qwen_sweep --sweep   # every variant minus evict, with
+                                                                                # its decisions and reads
 """
 import json
 import sys
@@ -32,5 +34,20 @@ def main(run_dir, a, b):
     print(f"cells with {a} above {b} by more than one s.e.: NLL {above['nll']}, KL {above['kl']}")
 
 
+def sweep(run_dir):
+    """Every variant of every cell minus evict, with its decisions and the bytes its recomputes read."""
+    configs = json.load(open(f"{run_dir}/results.json"))["ppl"]["configs"]
+    evict = {(c["method"], c["budget"]): c for c in configs if c["variant"] == "evict"}
+    print(f"{run_dir}: each variant minus evict, paired over segments")
+    print("| cell | variant | calibrate / recompute / none | read MB per token | Δ NLL | Δ KL |")
+    print("|---|---|---|---:|---:|---:|")
+    for c in configs:
+        e = evict[c["method"], c["budget"]]
+        d = {m: mean_se(torch.tensor(c[f"{m}_per_segment"]) - torch.tensor(e[f"{m}_per_segment"])) for m in ("nll", "kl")}
+        fractions = " / ".join(f"{c['decisions'][k]:.2f}" for k in ("calibrate", "recompute", "none"))
+        print(f"| {c['method']} {c['budget']} | {c['variant']} | {fractions} | {c['reload_bytes_per_token'] / 2**20:.1f} | "
+              f"{d['nll']['mean']:+.3f} ± {d['nll']['se']:.3f} | {d['kl']['mean']:+.3f} ± {d['kl']['se']:.3f} |")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    sweep(sys.argv[1]) if sys.argv[2:] == ["--sweep"] else main(*sys.argv[1:])
