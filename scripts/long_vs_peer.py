@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from evaluation.report import paired_difference
 from evaluation.variants import mean_se
 
 SCORERS = {"snapkv": "snapkv", "streamingllm": "streamingllm"}  # evaluate.py's method -> kvpress's scorer
@@ -40,8 +41,8 @@ def main(ours_dir, *peer_dirs):
         evict = by[c["method"], "evict"]
         cells = []
         for metric in ("kl", "nll"):
-            x = torch.tensor(c[f"{metric}_per_segment"])
-            s, d = mean_se(x), mean_se(x - torch.tensor(evict[f"{metric}_per_segment"]))
+            x = c[f"{metric}_per_segment"]
+            s, d = mean_se(x), paired_difference(x, evict[f"{metric}_per_segment"])
             cells += [f"{s['mean']:.3f} ± {s['se']:.3f}", f"{d['mean']:+.3f} ± {d['se']:.3f}"]
         print(f"| {c['method']} | {c['variant']} | " + " | ".join(cells) + " |")
     for peer_dir in peer_dirs:
@@ -57,13 +58,13 @@ def main(ours_dir, *peer_dirs):
             if scorer not in peer["scorers"]:
                 continue
             p = peer["scorers"][scorer]
-            p_kl = torch.tensor(p["kl"]["per_segment"])
+            p_kl = p["kl"]["per_segment"]
             if c["variant"] == "evict":
                 s = mean_se(p_kl)
                 print(f"| {c['method']} | kvpress DecodingPress{order} | {s['mean']:.3f} ± {s['se']:.3f} | | "
                       f"{p['cache']['bytes_end'] * mb:.2f} / {p['cache']['bytes_peak_attending'] * mb:.2f} |")
-            kl = torch.tensor(c["kl_per_segment"])[index]
-            s, d = mean_se(kl), mean_se(kl - p_kl)
+            kl = [c["kl_per_segment"][i] for i in index]
+            s, d = mean_se(kl), paired_difference(kl, p_kl)
             print(f"| {c['method']} | {c['variant']} | {s['mean']:.3f} ± {s['se']:.3f} | {d['mean']:+.3f} ± {d['se']:.3f} | "
                   f"{c['kv_bytes_kept'] * mb:.2f} / {c['kv_bytes_kept_peak'] * mb:.2f} |")
 

@@ -8,9 +8,7 @@ mean ± standard error, for NLL and KL; and the count of cells where a is above 
 import json
 import sys
 
-import torch
-
-from evaluation.variants import mean_se
+from evaluation.report import paired_difference
 
 
 def main(run_dir, a, b):
@@ -26,8 +24,8 @@ def main(run_dir, a, b):
             continue
         row = []
         for metric in ("nll", "kl"):
-            d = mean_se(torch.tensor(by[method, budget, a][f"{metric}_per_segment"])
-                        - torch.tensor(by[method, budget, b][f"{metric}_per_segment"]))
+            d = paired_difference(by[method, budget, a][f"{metric}_per_segment"],
+                                  by[method, budget, b][f"{metric}_per_segment"])
             above[metric] += d["mean"] > d["se"]
             row.append(f"{d['mean']:+.3f} ± {d['se']:.3f}")
         print(f"| {method} | {budget} | " + " | ".join(row) + " |")
@@ -43,7 +41,7 @@ def sweep(run_dir):
     print("|---|---|---|---:|---:|---:|")
     for c in configs:
         e = evict[c["method"], c["budget"]]
-        d = {m: mean_se(torch.tensor(c[f"{m}_per_segment"]) - torch.tensor(e[f"{m}_per_segment"])) for m in ("nll", "kl")}
+        d = {m: paired_difference(c[f"{m}_per_segment"], e[f"{m}_per_segment"]) for m in ("nll", "kl")}
         fractions = " / ".join(f"{c['decisions'][k]:.2f}" for k in ("calibrate", "recompute", "none"))
         print(f"| {c['method']} {c['budget']} | {c['variant']} | {fractions} | {c['reload_bytes_per_token'] / 2**20:.1f} | "
               f"{d['nll']['mean']:+.3f} ± {d['nll']['se']:.3f} | {d['kl']['mean']:+.3f} ± {d['kl']['se']:.3f} |")
