@@ -181,6 +181,13 @@ def select(scores, budget, calibration_size=None):
     return order[..., :budget].sort(-1).values, order[..., budget:end].sort(-1).values
 
 
+def pads_last(evicted, pad):
+    """evicted (B, Hkv, E) in position order, pad (B, 1, 1) each sequence's left padding -> evicted with the pad
+    slots moved last (each sequence's own evicted tokens first), and visible (B, Hkv, 1, E): False on them."""
+    evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))
+    return evicted, (evicted >= pad)[:, :, None]
+
+
 def gather_tokens(x, idx):
     """x (B, H, L, D), idx (B, H, N) -> (B, H, N, D)."""
     return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
@@ -403,8 +410,7 @@ class CaliDropCache:
             if pads is not None:
                 pad = pads[:, None, None]
                 layer.kept_visible = F.pad(keep >= pad, (0, size - kept), value=True)[:, :1, None]
-                evicted = evicted.gather(-1, (evicted < pad).long().argsort(dim=-1, stable=True))  # pads last
-                evicted_visible = (evicted >= pad)[:, :, None]
+                evicted, evicted_visible = pads_last(evicted, pad)
                 layer.evicted_lens = evicted_visible[:, 0, 0].sum(-1)
             if config.interval:
                 layer.positions = F.pad(keep - pad, (0, size - kept))
@@ -546,8 +552,7 @@ class CaliDropCache:
         keep, evicted = select(score(config, state.k, Recorded(state.recent_q, state.received), pads), state.budget)
         visible = None  # (B, Hkv, 1, n)
         if pads is not None:  # pads score -inf: evicted, and sorted last, never stored or calibrated with
-            evicted = evicted.gather(-1, (evicted < pads[:, None, None]).long().argsort(dim=-1, stable=True))
-            visible = (evicted >= pads[:, None, None])[:, :, None]
+            evicted, visible = pads_last(evicted, pads[:, None, None])
         if config.calibration:
             k_evicted, v_evicted = gather_tokens(state.k, evicted), gather_tokens(state.v, evicted)
             new = accumulate(state.hist_q, k_evicted, history_values(config, k_evicted, v_evicted), visible)
